@@ -1,0 +1,469 @@
+"""Typed configs, one dataclass per stage, validated once at the boundary.
+
+The defaults *are* the embedded default: Fashion-MNIST in pixel space, the shipped small DiT,
+minimax fine-tuning, sampling and evaluation on a laptop. The paper's recipes (jobs/) derive
+from these with ``dataclasses.replace``. Every field carries its documentation in
+``metadata["doc"]``; the CLI prints it and a test checks it is there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from mmdist.errors import ConfigError
+
+
+def opt(default: Any, doc: str) -> Any:
+    """A dataclass field with a default and its documentation."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use tuples for sequence defaults so configs stay hashable and frozen")
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: default, metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    """Raise a ConfigError naming the field when a check fails."""
+    if not ok:
+        raise ConfigError(f"{name}: {message}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the real images come from and how they are shaped."""
+
+    source: Literal["fashion-mnist", "imagefolder", "parquet"] = opt(
+        "fashion-mnist",
+        "fashion-mnist (IDX files), imagefolder (root/<class>/*.png|jpg) or parquet "
+        "(encoded image bytes + class name columns)",
+    )
+    train: str = opt(
+        "/usr/share/datasets/fashion-mnist",
+        "train split: the IDX folder for fashion-mnist, an ImageFolder root or Parquet path/URI "
+        "(local or s3://)",
+    )
+    test: str | None = opt(None, "test split (same kinds as train); fashion-mnist reads it from `train`")
+    classes: tuple[str, ...] | None = opt(
+        None, "class names to keep, in label order (e.g. ImageWoof wnids); None keeps all, sorted"
+    )
+    model_class_ids: tuple[int, ...] | None = opt(
+        None,
+        "the backbone's class id for each kept class (ImageNet indices for DiT-XL/2); None means "
+        "0..K-1. method.md §1.2: conditioning on a wrong id silently ruins a run",
+    )
+    image_size: int = opt(28, "square side in pixels after the ADM centre crop")
+    channels: Literal[1, 3] = opt(1, "1 keeps grayscale, 3 converts to RGB")
+    max_per_class: int | None = opt(None, "keep the first N images of each class (sorted); None keeps all")
+    download: bool = opt(True, "fashion-mnist only: fall back to torchvision's downloader if the IDX files are missing")
+
+    def __post_init__(self) -> None:
+        _check(self.image_size >= 8, "data.image_size", "must be at least 8")
+        _check(self.max_per_class is None or self.max_per_class > 0, "data.max_per_class", "must be positive")
+        if self.classes is not None:
+            _check(len(self.classes) > 0, "data.classes", "must not be empty")
+            _check(len(set(self.classes)) == len(self.classes), "data.classes", "has duplicates")
+        if self.model_class_ids is not None:
+            _check(self.classes is not None and len(self.model_class_ids) == len(self.classes),
+                   "data.model_class_ids", "needs data.classes of the same length")
+            _check(min(self.model_class_ids) >= 0, "data.model_class_ids", "must be non-negative")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncodeConfig:
+    """Images -> latent shards (Parquet) with Ray Data."""
+
+    encoder: str = opt(
+        "identity",
+        "identity (pixel space, for tiny images) or an AutoencoderKL hub id / folder, "
+        "e.g. stabilityai/sd-vae-ft-ema (method.md §1.1: fine-tuning encodes with ft-EMA)",
+    )
+    encoder_subfolder: str | None = opt(None, "subfolder of the VAE inside its repo (e.g. 'vae')")
+    scaling_factor: float | None = opt(None, "latent scale; None reads it from the VAE config (0.18215 for SD)")
+    shard_rows: int = opt(4096, "rows per Parquet shard; a shard is the unit of resume")
+    batch_size: int = opt(64, "images per encoder forward pass")
+    num_actors: int = opt(0, "encoder actors; 0 sizes the pool from the cluster's CPUs/GPUs")
+    num_gpus_per_actor: float = opt(0.0, "GPUs per encoder actor (fractions share a GPU)")
+    dtype: Literal["float32", "float16"] = opt("float32", "storage dtype of latents")
+    strict: bool = opt(False, "fail the run on any unreadable image or empty class instead of counting it")
+
+    def __post_init__(self) -> None:
+        _check(self.shard_rows > 0, "encode.shard_rows", "must be positive")
+        _check(self.batch_size > 0, "encode.batch_size", "must be positive")
+        _check(self.num_actors >= 0, "encode.num_actors", "must be >= 0")
+        _check(self.num_gpus_per_actor >= 0, "encode.num_gpus_per_actor", "must be >= 0")
+        _check(self.scaling_factor is None or self.scaling_factor > 0, "encode.scaling_factor", "must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MinimaxConfig:
+    """The two extra losses of Minimax Diffusion (method.md §1.6-1.7)."""
+
+    representativeness: bool = opt(True, "use R_c = 1 - min cos(prediction, real memory)")
+    diversity: bool = opt(True, "use V_c = max cos(prediction, prediction memory)")
+    lambda_rep: float = opt(0.002, "weight of R_c (paper --lambda-pos 0.002)")
+    lambda_div: float = opt(0.008, "weight of V_c (paper --lambda-neg 0.008)")
+    memory_size: int = opt(64, "entries per class in each memory (paper --memory-size 64)")
+    memory_dtype: Literal["float32", "bfloat16"] = opt("float32", "storage dtype of the memories")
+    center: Literal["none", "dataset_mean"] = opt(
+        "dataset_mean",
+        "subtract the real data's mean latent before the cosine. Pixel-space cosines saturate "
+        "near 1 on the shared background (ray-notes calibration); SD latents are near-centred, "
+        "so the paper recipes use none",
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.lambda_rep >= 0, "finetune.minimax.lambda_rep", "must be >= 0")
+        _check(self.lambda_div >= 0, "finetune.minimax.lambda_div", "must be >= 0")
+        _check(self.memory_size > 0, "finetune.minimax.memory_size", "must be positive")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any minimax term is on."""
+        return (self.representativeness and self.lambda_rep > 0) or (self.diversity and self.lambda_div > 0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """What pretraining and fine-tuning share: the Ray Train loop and its optimiser."""
+
+    steps: int = opt(400, "optimiser steps")
+    global_batch_size: int = opt(64, "images per step summed over workers (paper: 8)")
+    lr: float = opt(1e-3, "AdamW learning rate, constant (paper: 1e-3)")
+    weight_decay: float = opt(0.0, "AdamW weight decay (paper: 0)")
+    ema_decay: float = opt(0.999, "EMA decay; sampling uses the EMA weights")
+    hflip: bool = opt(True, "random horizontal flip of the latent (method.md §1.2 flips images)")
+    mixed_precision: Literal["no", "bf16"] = opt("no", "bf16 autocast of the forward pass (GPU)")
+    num_workers: int = opt(1, "Ray Train workers (DDP ranks)")
+    use_gpu: bool = opt(False, "one GPU per worker")
+    cpus_per_worker: float | None = opt(None, "CPUs per worker; None sizes it from the cluster")
+    checkpoint_every: int = opt(100, "steps between checkpoints (resume points)")
+    log_every: int = opt(25, "steps between log lines")
+    max_failures: int = opt(2, "worker failures survived by restarting from the last checkpoint")
+    seed: int = opt(0, "global seed; rank r uses derive_seed(seed, stage, r)")
+
+    def __post_init__(self) -> None:
+        _check(self.steps > 0, f"{self._section}.steps", "must be positive")
+        _check(self.global_batch_size > 0, f"{self._section}.global_batch_size", "must be positive")
+        _check(self.num_workers > 0, f"{self._section}.num_workers", "must be positive")
+        _check(self.global_batch_size % self.num_workers == 0, f"{self._section}.global_batch_size",
+               f"({self.global_batch_size}) must be divisible by num_workers ({self.num_workers})")
+        _check(self.lr > 0, f"{self._section}.lr", "must be positive")
+        _check(0 <= self.ema_decay < 1, f"{self._section}.ema_decay", "must be in [0, 1)")
+        _check(self.checkpoint_every > 0, f"{self._section}.checkpoint_every", "must be positive")
+        _check(self.log_every > 0, f"{self._section}.log_every", "must be positive")
+        _check(self.cpus_per_worker is None or self.cpus_per_worker > 0,
+               f"{self._section}.cpus_per_worker", "must be positive")
+
+    _section = "train"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig(TrainConfig):
+    """Train a class-conditional DiT from scratch on the latents (our own backbone)."""
+
+    model: str = opt("fashion-mnist", "DiT size from mmdist.models.diffusion.DIT_SIZES (has 'tiny')")
+    learn_sigma: bool = opt(True, "predict the variance too (8 output channels on DiT-XL/2)")
+    class_dropout: float = opt(0.1, "label dropout for classifier-free guidance (DiT: 0.1)")
+    steps: int = opt(6000, "optimiser steps")
+    global_batch_size: int = opt(128, "images per step")
+    lr: float = opt(1e-3, "AdamW learning rate")
+    ema_decay: float = opt(0.999, "EMA decay; the shipped weights are the EMA")
+    checkpoint_every: int = opt(500, "steps between checkpoints")
+    log_every: int = opt(100, "steps between log lines")
+    _section = "pretrain"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(0 <= self.class_dropout < 1, "pretrain.class_dropout", "must be in [0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig(TrainConfig):
+    """Minimax fine-tuning of a pretrained DiT (method.md §1)."""
+
+    backbone: str = opt(
+        "embedded",
+        "embedded (the shipped Fashion-MNIST DiT), pretrain (this run's pretrain stage), or a "
+        "DiTTransformer2DModel hub id / folder (facebook/DiT-XL-2-256 with subfolder transformer)",
+    )
+    backbone_subfolder: str | None = opt(None, "subfolder of the backbone inside its repo")
+    trainable: Literal["difffit", "full"] = opt(
+        "difffit", "difffit: biases, scale factors in the first half of the blocks, class table (paper)"
+    )
+    minimax: MinimaxConfig = opt(MinimaxConfig(), "the minimax losses")
+    class_dropout: float = opt(0.1, "label dropout kept on during fine-tuning (method.md §1.4)")
+    _section = "finetune"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(0 <= self.class_dropout < 1, "finetune.class_dropout", "must be in [0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleConfig:
+    """IPC images per class with classifier-free guidance, fanned out over Ray actors."""
+
+    ipc: int = opt(10, "images per class; smaller IPCs are the first k images of this generation")
+    batch_size: int = opt(32, "images per sampler forward pass within a class")
+    scheduler: Literal["ddpm", "ddim", "dpm"] = opt("ddpm", "ddpm: the paper's ancestral sampler with learned variance")
+    steps: int = opt(50, "sampling steps (paper: 50, respaced like ADM)")
+    guidance_scale: float = opt(4.0, "classifier-free guidance scale (paper: 4.0)")
+    guidance_channels: int | None = opt(
+        None, "guide only the first N latent channels (DiT and the paper: 3 of 4); None guides all"
+    )
+    use_ema: bool = opt(True, "sample from the EMA weights (method.md §1.10)")
+    baseline: bool = opt(True, "also sample the un-fine-tuned backbone (the paper's 'DiT' column)")
+    seed: int = opt(0, "image k of class c uses derive_seed(seed, 'sample', c, k)")
+    num_actors: int = opt(0, "sampling actors; 0 sizes the pool from the cluster")
+    num_gpus_per_actor: float = opt(0.0, "GPUs per actor; 0.5 puts two actors on one GPU")
+    mixed_precision: Literal["no", "bf16", "fp16"] = opt("no", "autocast during sampling (GPU)")
+
+    def __post_init__(self) -> None:
+        _check(self.ipc > 0, "sample.ipc", "must be positive")
+        _check(self.batch_size > 0, "sample.batch_size", "must be positive")
+        _check(self.steps > 0, "sample.steps", "must be positive")
+        _check(self.guidance_scale >= 1.0, "sample.guidance_scale", "must be >= 1 (1 disables guidance)")
+        _check(self.num_actors >= 0, "sample.num_actors", "must be >= 0")
+        _check(self.guidance_channels is None or self.guidance_channels > 0, "sample.guidance_channels",
+               "must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig:
+    """Train test networks on distilled sets and test on real data, as a Ray Tune grid."""
+
+    protocol: Literal["hard", "soft"] = opt("hard", "hard: IDC one-hot recipe; soft: RDED teacher relabelling")
+    methods: tuple[str, ...] = opt(
+        ("minimax", "random"), "rows of the table: minimax, diffusion (un-fine-tuned), random (real subset), full"
+    )
+    archs: tuple[str, ...] = opt(("convnet",), "test networks from mmdist.models.classifiers (or timm:<name>)")
+    ipcs: tuple[int, ...] = opt((10,), "images per class to evaluate")
+    seeds: tuple[int, ...] = opt((0, 1, 2), "one trial per seed; the table shows mean ± std")
+    epochs: int | None = opt(300, "training epochs; None follows the recipe (hard: 2000/1500/1000 by IPC)")
+    batch_size: int = opt(64, "train batch (IDC: 64)")
+    lr: float | None = opt(None, "None: the protocol's (hard SGD 0.01, soft AdamW 0.001)")
+    evals: int = opt(10, "test passes during training; the best and the last are reported")
+    augment: bool = opt(True, "the protocol's augmentations and CutMix")
+    teacher: str | None = opt(None, "soft: a teacher checkpoint folder; None trains one on the real train split")
+    teacher_arch: str = opt("convnet", "soft: architecture of the teacher trained when none is given")
+    teacher_epochs: int = opt(15, "soft: epochs of teacher training on the real train split")
+    temperature: float = opt(20.0, "soft: KL temperature (RDED: 20)")
+    cpus_per_trial: float | None = opt(None, "CPUs per trial; None fits one trial per CPU")
+    gpus_per_trial: float = opt(0.0, "GPUs per trial (fractions run several trials per GPU)")
+    max_failures: int = opt(2, "retries of a failed trial")
+
+    def __post_init__(self) -> None:
+        _check(len(self.methods) > 0, "evaluate.methods", "must not be empty")
+        bad = [m for m in self.methods if m not in EVAL_METHODS]
+        _check(not bad, "evaluate.methods", f"unknown {bad}; choose from {list(EVAL_METHODS)}")
+        _check(len(self.archs) > 0, "evaluate.archs", "must not be empty")
+        _check(len(self.ipcs) > 0 and min(self.ipcs) > 0, "evaluate.ipcs", "must be positive")
+        _check(len(self.seeds) > 0, "evaluate.seeds", "must not be empty")
+        _check(self.epochs is None or self.epochs > 0, "evaluate.epochs", "must be positive")
+        _check(self.batch_size > 0, "evaluate.batch_size", "must be positive")
+        _check(self.evals > 0, "evaluate.evals", "must be positive")
+        _check(self.temperature > 0, "evaluate.temperature", "must be positive")
+
+
+EVAL_METHODS = ("minimax", "diffusion", "random", "full")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RayConfig:
+    """How to reach (or start) the Ray cluster."""
+
+    address: str | None = opt(None, "cluster address; None uses RAY_ADDRESS or starts a local cluster")
+    num_cpus: int | None = opt(None, "CPUs of a local cluster; None uses all")
+    num_gpus: int | None = opt(None, "GPUs of a local cluster; None detects them")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """A whole run: data -> encode -> (pretrain) -> finetune -> sample -> evaluate."""
+
+    name: str = opt("fashion-mnist", "run name, used in logs and folder names")
+    output: str = opt("runs/fashion-mnist", "artifact root: a local folder or s3://bucket/prefix")
+    latents: str | None = opt(
+        None, "finished latent shards to train on (skips encode); None uses <output>/latents"
+    )
+    overwrite: bool = opt(False, "redo stages whose artifacts were made by a different config")
+    data: DataConfig = opt(DataConfig(), "real data")
+    encode: EncodeConfig = opt(EncodeConfig(), "encode stage")
+    pretrain: PretrainConfig = opt(PretrainConfig(), "pretrain stage (only when finetune.backbone is 'pretrain')")
+    finetune: FinetuneConfig = opt(FinetuneConfig(), "minimax fine-tuning stage")
+    sample: SampleConfig = opt(SampleConfig(), "sampling stage")
+    evaluate: EvaluateConfig = opt(EvaluateConfig(), "evaluation stage")
+    ray: RayConfig = opt(RayConfig(), "Ray cluster")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.output), "output", "must not be empty")
+        _check(bool(self.name) and "/" not in self.name, "name", "must be non-empty without '/'")
+        _check(self.encode.encoder == "identity" or self.data.channels == 3, "data.channels",
+               "must be 3 when encode.encoder is a VAE (it takes RGB images)")
+        _check(self.sample.ipc <= 10_000, "sample.ipc", "must be at most 10000")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict; ``Config.from_dict`` inverts it."""
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Config:
+        """Build and validate a config from a (YAML/JSON) dict; unknown keys are errors."""
+        return from_dict(cls, raw)
+
+    def fingerprint(self, *sections: str) -> str:
+        """A short hash of the named sections, used to tell whether an artifact is current."""
+        picked = {s: to_dict(getattr(self, s)) for s in sections}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# (De)serialisation and overrides
+# ----------------------------------------------------------------------------------------------
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclasses -> dicts, tuples -> lists, recursively."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert lists to tuples and ints to floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{name}: {value!r} matches none of {options}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{name}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return tuple(_coerce(item_tp, v, f"{name}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=f"{name}.")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp} for {name}")
+
+
+def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``raw``, naming the field of any error."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown field (known: {', '.join(sorted(fields))})")
+    kwargs = {k: _coerce(hints[k], v, f"{prefix}{k}") for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.field=value`` overrides (values parsed as YAML) to a config."""
+    raw = to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. sample.ipc=50")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: cannot parse {text!r} ({e.__class__.__name__})") from None
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"{key}: unknown field")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"{key}: unknown field")
+        node[parts[-1]] = value
+    return Config.from_dict(raw)
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``update`` into a copy of ``base``."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_yaml(path: str, base: Config | None = None) -> Config:
+    """Load a YAML config file; its keys override ``base`` (the embedded default if None)."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"config file {path}: malformed YAML{at}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return Config.from_dict(merge(to_dict(base or Config()), raw))
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, default, doc) for every leaf field, for `mmdist config --help`."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            rows += describe(type(default), f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", repr(default), f.metadata.get("doc", "")))
+    return rows

@@ -1,0 +1,303 @@
+"""Real images: Fashion-MNIST IDX files, ImageFolder trees and Parquet image tables.
+
+A split is first *indexed* (class names, one ``Item`` per image, problems such as empty class
+folders) on the driver; images are *loaded* later, where they are used (encoder actors,
+evaluation trials). Loading a bad file raises ``DataError`` with the reason, which callers count
+as a skip rather than crash on.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import posixpath
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from mmdist import schema, storage
+from mmdist.config import DataConfig
+from mmdist.errors import DataError
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+_IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of a split: where it is and which class it belongs to."""
+
+    source_id: str
+    class_name: str
+    label: int
+    uri: str | None = None  # a file (ImageFolder) or a Parquet file (with row)
+    row: int | None = None  # row of a Parquet file, or index into the Fashion-MNIST arrays
+
+
+@dataclass
+class SplitIndex:
+    """The images of one split, their classes, and what was wrong with the input."""
+
+    split: str
+    classes: tuple[str, ...]
+    items: list[Item]
+    problems: list[dict] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """Images per class name."""
+        out = dict.fromkeys(self.classes, 0)
+        for it in self.items:
+            out[it.class_name] += 1
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Fashion-MNIST
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_idx(path: str) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) into a numpy array."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DataError(f"{path}: not an IDX file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"{path}: truncated IDX file ({body.size} of {int(np.prod(dims))} values)")
+    return body.reshape(dims)
+
+
+def _find_idx(folder: str, stem: str) -> str | None:
+    """The IDX file for ``stem`` in ``folder`` (plain or .gz, either naming style)."""
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            return path
+    return None
+
+
+@lru_cache(maxsize=4)
+def load_fashion_mnist(folder: str, split: str, download: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, 28, 28], labels int64 [N]) of a Fashion-MNIST split."""
+    stems = _IDX_FILES[split]
+    paths = [_find_idx(folder, s) for s in stems]
+    if None in paths:
+        if not download:
+            raise DataError(
+                f"Fashion-MNIST not found in {folder} (install the Debian package dataset-fashion-mnist, "
+                "or set data.download=true on a machine that is online)")
+        paths = _download_fashion_mnist(split)
+    images, labels = _read_idx(paths[0]), _read_idx(paths[1]).astype(np.int64)
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(f"Fashion-MNIST {split}: {images.shape[0]} images but {labels.shape[0]} labels")
+    return images, labels
+
+
+def _download_fashion_mnist(split: str) -> list[str]:
+    """Fetch Fashion-MNIST with torchvision (online machines only)."""
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "mmdist")
+    try:
+        from torchvision.datasets import FashionMNIST
+
+        ds = FashionMNIST(cache, train=split == "train", download=True)
+    except Exception as e:  # network errors come in many types
+        raise DataError(
+            "Fashion-MNIST not found locally (install the Debian package dataset-fashion-mnist) and the "
+            f"download failed: {type(e).__name__}") from None
+    raw = ds.raw_folder
+    return [p for p in (_find_idx(raw, s) for s in _IDX_FILES[split]) if p]
+
+
+# ----------------------------------------------------------------------------------------------
+# Indexing a split
+# ----------------------------------------------------------------------------------------------
+
+
+def index_split(cfg: DataConfig, split: str = "train") -> SplitIndex:
+    """List the images of a split; classes follow ``cfg.classes`` (or sorted names)."""
+    if split == "test" and cfg.source != "fashion-mnist" and cfg.test is None:
+        raise DataError("data.test is not set: evaluation needs a real test split")
+    if cfg.source == "fashion-mnist":
+        return _index_fashion_mnist(cfg, split)
+    root = cfg.train if split == "train" else cfg.test
+    found = _scan_imagefolder(root) if cfg.source == "imagefolder" else _scan_parquet(root)
+    return _select(cfg, split, found)
+
+
+def _index_fashion_mnist(cfg: DataConfig, split: str) -> SplitIndex:
+    """Index the Fashion-MNIST arrays as items (row = array index)."""
+    _, labels = load_fashion_mnist(cfg.train, split, cfg.download)
+    found: dict[str, list[Item]] = {c: [] for c in FASHION_MNIST_CLASSES}
+    for i, y in enumerate(labels.tolist()):
+        name = FASHION_MNIST_CLASSES[y]
+        found[name].append(Item(f"{split}:{i}", name, -1, uri=None, row=i))
+    return _select(cfg, split, found, default_order=FASHION_MNIST_CLASSES)
+
+
+def _scan_imagefolder(root: str) -> dict[str, list[Item]]:
+    """root/<class>/**/<image> -> {class: items}; empty class folders map to []."""
+    fs, path = storage.filesystem(root)
+    if not fs.isdir(path):
+        raise DataError(f"image folder {root} does not exist or is not a folder")
+    found: dict[str, list[Item]] = {}
+    for entry in sorted(fs.ls(path, detail=True), key=lambda e: e["name"]):
+        if entry["type"] != "directory":
+            continue
+        name = posixpath.basename(entry["name"].rstrip("/"))
+        files = sorted(f for f in fs.find(entry["name"]) if f.lower().endswith(IMAGE_EXTENSIONS))
+        prefix = root.split("://")[0] + "://" if storage.is_remote(root) else ""
+        found[name] = [Item(f"{name}/{posixpath.relpath(f, entry['name'])}", name, -1, uri=prefix + f)
+                       for f in files]
+    if not found:
+        raise DataError(f"image folder {root} has no class folders (expected root/<class>/*.png|jpg)")
+    return found
+
+
+def _scan_parquet(root: str) -> dict[str, list[Item]]:
+    """Parquet files with image bytes + class name columns -> {class: items}."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(root)
+    files = [path] if fs.isfile(path) else sorted(f for f in fs.find(path) if f.endswith(".parquet"))
+    if not files:
+        raise DataError(f"no Parquet files under {root}")
+    prefix = root.split("://")[0] + "://" if storage.is_remote(root) else ""
+    found: dict[str, list[Item]] = {}
+    for f in files:
+        with fs.open(f, "rb") as fh:
+            table = pq.read_table(fh, columns=[schema.CLASS_NAME])
+        for row, name in enumerate(table.column(schema.CLASS_NAME).to_pylist()):
+            found.setdefault(str(name), []).append(Item(f"{posixpath.basename(f)}:{row}", str(name), -1,
+                                                        uri=prefix + f, row=row))
+    return found
+
+
+def _select(cfg: DataConfig, split: str, found: dict[str, list[Item]],
+            default_order: tuple[str, ...] | None = None) -> SplitIndex:
+    """Apply the class list and per-class cap; record empty or missing classes."""
+    problems: list[dict] = []
+    wanted = list(cfg.classes or default_order or sorted(found))
+    if cfg.classes is not None and split == "train":
+        missing = [c for c in wanted if c not in found]
+        if missing:
+            raise DataError(f"data.classes: {missing[:5]} not found in the train split")
+    classes, items = [], []
+    for name in wanted:
+        members = found.get(name)
+        if members is None:
+            problems.append({"kind": "class_missing", "class": name, "split": split})
+            continue
+        if not members:
+            problems.append({"kind": "empty_class", "class": name, "split": split})
+            continue
+        if cfg.max_per_class is not None and split == "train":
+            members = members[: cfg.max_per_class]
+        label = len(classes)
+        classes.append(name)
+        items += [Item(m.source_id, name, label, m.uri, m.row) for m in members]
+    extra = sorted(set(found) - set(wanted))
+    if extra and cfg.classes is None:
+        problems += [{"kind": "extra_class", "class": c, "split": split} for c in extra]
+    if not items:
+        raise DataError(f"the {split} split has no images in the selected classes")
+    return SplitIndex(split, tuple(classes), items, problems)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and decoding
+# ----------------------------------------------------------------------------------------------
+
+
+def center_crop_arr(image: Image.Image, size: int) -> Image.Image:
+    """ADM's centre crop (method.md §1.2): box-halve while >= 2x, bicubic resize, crop."""
+    while min(*image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(*image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    arr = np.array(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return Image.fromarray(arr[top: top + size, left: left + size])
+
+
+def to_mode(image: Image.Image, channels: int) -> Image.Image:
+    """Convert any PIL mode (RGBA, P, 16-bit, ...) to 8-bit L or RGB."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(image, dtype=np.uint32)
+        shift = 8 if arr.max(initial=0) > 255 else 0
+        image = Image.fromarray((arr >> shift).clip(0, 255).astype(np.uint8), mode="L")
+    return image.convert("L" if channels == 1 else "RGB")
+
+
+def decode_image(data: bytes, size: int, channels: int) -> np.ndarray:
+    """Encoded image bytes -> uint8 array [size, size, channels]; DataError if unreadable."""
+    if not data:
+        raise DataError("zero-byte file")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            image = to_mode(im, channels)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot decode image ({type(e).__name__}: {str(e)[:80]})") from None
+    return _shape(center_crop_arr(image, size), channels)
+
+
+def _shape(image: Image.Image, channels: int) -> np.ndarray:
+    """PIL image -> uint8 [H, W, C]."""
+    arr = np.asarray(image, dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr[:, :, :channels]
+
+
+@lru_cache(maxsize=2)
+def _parquet_images(uri: str) -> list[bytes]:
+    """The image-bytes column of one Parquet file (cached: shards read consecutive rows)."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as fh:
+        return pq.read_table(fh, columns=[schema.IMAGE_BYTES]).column(schema.IMAGE_BYTES).to_pylist()
+
+
+def load_item(cfg: DataConfig, item: Item, split: str = "train") -> np.ndarray:
+    """Load one image as uint8 [H, W, C] at ``cfg.image_size``; DataError if it is bad."""
+    if cfg.source == "fashion-mnist":
+        images, _ = load_fashion_mnist(cfg.train, split, cfg.download)
+        image = Image.fromarray(images[item.row], mode="L")
+        if cfg.channels == 3:
+            image = image.convert("RGB")
+        if image.size != (cfg.image_size, cfg.image_size):
+            image = center_crop_arr(image, cfg.image_size)
+        return _shape(image, cfg.channels)
+    if cfg.source == "parquet":
+        return decode_image(_parquet_images(item.uri)[item.row], cfg.image_size, cfg.channels)
+    try:
+        data = storage.read_bytes(item.uri)
+    except (OSError, storage.ArtifactError) as e:
+        raise DataError(f"cannot read file ({type(e).__name__}: {str(e)[:80]})") from None
+    return decode_image(data, cfg.image_size, cfg.channels)
+
+
+def load_images(cfg: DataConfig, items: list[Item], split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Load many items into uint8 [N, C, H, W] and int64 labels; bad images raise DataError."""
+    if cfg.source == "fashion-mnist" and cfg.image_size == 28 and cfg.channels == 1:
+        images, _ = load_fashion_mnist(cfg.train, split, cfg.download)
+        rows = np.array([it.row for it in items], dtype=np.int64)
+        return images[rows][:, None].copy(), np.array([it.label for it in items], dtype=np.int64)
+    arrays = []
+    for it in items:
+        try:
+            arrays.append(load_item(cfg, it, split).transpose(2, 0, 1))
+        except DataError as e:
+            raise DataError(f"{it.source_id}: {e}") from None
+    return np.stack(arrays), np.array([it.label for it in items], dtype=np.int64)

@@ -1,0 +1,207 @@
+"""Stage 1 — encode: real images -> latent shards (Parquet) + manifest, with Ray Data.
+
+The train split is cut into fixed shards of ``encode.shard_rows`` images in a fixed order. Each
+shard is one row of a Ray Dataset that an actor pool maps: the actor (encoder loaded once) reads,
+decodes and centre-crops the images, encodes them, and writes the shard in one atomic write with
+its statistics in the Parquet footer. A rerun skips every shard already written by the same
+config, so an interrupted encode resumes. Bad images are counted and listed, never dropped
+silently; ``encode.strict`` turns them into a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmdist import artifacts, datasets, schema, shards, storage
+from mmdist.config import Config
+from mmdist.errors import DataError
+
+log = logging.getLogger("mmdist")
+
+
+class ShardEncoder:
+    """Ray Data actor: one input row is one shard plan; returns that shard's summary."""
+
+    def __init__(self, config: dict[str, Any], folder: str, fp: str, cpus: float):
+        from mmdist.models.diffusion import LatentEncoder
+        from mmdist.ray_runtime import torch_threads
+
+        self.cfg = Config.from_dict(config)
+        torch.set_num_threads(torch_threads(cpus))
+        device = "cuda" if torch.cuda.is_available() and self.cfg.encode.num_gpus_per_actor > 0 else "cpu"
+        self.encoder = LatentEncoder(self.cfg.encode.encoder, self.cfg.encode.encoder_subfolder,
+                                     self.cfg.encode.scaling_factor, device)
+        self.folder, self.fp = folder, fp
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Encode and write the shards in ``batch``; return one summary (JSON) per shard."""
+        metas = [self.encode_shard(int(i), json.loads(items))
+                 for i, items in zip(batch["shard"], batch["items"])]
+        return {"shard": batch["shard"], "meta": np.array([json.dumps(m) for m in metas], dtype=object)}
+
+    def encode_shard(self, index: int, raw_items: list[list]) -> dict[str, Any]:
+        """Load, encode and write one shard."""
+        cfg = self.cfg
+        items = [datasets.Item(*row) for row in raw_items]
+        images, kept, skipped = [], [], []
+        for it in items:
+            try:
+                images.append(datasets.load_item(cfg.data, it).transpose(2, 0, 1))
+                kept.append(it)
+            except DataError as e:
+                skipped.append({"source_id": it.source_id, "class": it.class_name, "reason": str(e)})
+        means, stds = [], []
+        for start in range(0, len(images), cfg.encode.batch_size):
+            chunk = torch.from_numpy(np.stack(images[start: start + cfg.encode.batch_size]))
+            mean, std = self.encoder.encode(chunk)
+            means.append(mean.float().cpu().numpy())
+            stds.append(None if std is None else std.float().cpu().numpy())
+        shape = list(self.encoder.latent_shape(cfg.data.channels, cfg.data.image_size))
+        mean = np.concatenate(means) if means else np.zeros([0, *shape], np.float32)
+        std = None if self.encoder.deterministic else (np.concatenate(stds) if stds else np.zeros_like(mean))
+        finite = np.isfinite(mean.reshape(len(mean), -1)).all(1)
+        if std is not None:
+            finite &= np.isfinite(std.reshape(len(std), -1)).all(1)
+        for it in (k for k, ok in zip(kept, finite) if not ok):
+            skipped.append({"source_id": it.source_id, "class": it.class_name, "reason": "non-finite latent"})
+        kept = [k for k, ok in zip(kept, finite) if ok]
+        mean, std = mean[finite], (None if std is None else std[finite])
+        dtype = np.float16 if cfg.encode.dtype == "float16" else np.float32
+        counts: dict[str, int] = {}
+        for it in kept:
+            counts[it.class_name] = counts.get(it.class_name, 0) + 1
+        meta = {
+            "fingerprint": self.fp, "rows": len(kept), "counts": counts, "skipped": skipped,
+            "nonfinite_rows": 0, "shape": shape,
+            "sum": shards.encode_vector(mean.astype(np.float64).sum(0).ravel()),
+        }
+        shards.write_shard(
+            storage.join(self.folder, "shards", shards.shard_name(index)),
+            mean=mean.astype(dtype), std=None if std is None else std.astype(dtype),
+            labels=np.array([it.label for it in kept], dtype=np.int64),
+            class_names=[it.class_name for it in kept], source_ids=[it.source_id for it in kept], meta=meta,
+        )
+        return meta
+
+
+def plan_shards(items: list[datasets.Item], rows: int) -> list[list[datasets.Item]]:
+    """Cut the split into consecutive shards of ``rows`` images (the last may be shorter)."""
+    return [items[i: i + rows] for i in range(0, len(items), rows)]
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    """Encode the train split into latent shards; skip if a current manifest exists."""
+    from mmdist import ray_runtime
+
+    folder = artifacts.stage_dir(cfg, "encode")
+    fp = artifacts.fingerprint(cfg, "encode")
+    done = artifacts.existing(folder, "encode", fp, cfg, cfg.overwrite)
+    if done:
+        log.info("encode: %s is complete, skipping", folder)
+        return done
+    start = time.time()
+    train = datasets.index_split(cfg.data, "train")
+    problems = list(train.problems)
+    if cfg.data.source == "fashion-mnist" or cfg.data.test:
+        test = datasets.index_split(cfg.data, "test")
+        problems += [{"kind": "class_missing", "class": c, "split": "test"}
+                     for c in train.classes if c not in test.classes]
+    if problems and cfg.encode.strict:
+        raise DataError(f"encode.strict: {len(problems)} input problems, first: {problems[0]}")
+    plans = plan_shards(train.items, cfg.encode.shard_rows)
+    uris = [storage.join(folder, "shards", shards.shard_name(i)) for i in range(len(plans))]
+    metas: dict[int, dict] = {}
+    for i, uri in enumerate(uris):
+        meta = shards.read_shard_meta(uri)
+        if meta is not None and meta.get("fingerprint") == fp:
+            metas[i] = meta
+    todo = [i for i in range(len(plans)) if i not in metas]
+    log.info("encode: %d images of %d classes -> %d shards (%d to do) in %s",
+             len(train.items), len(train.classes), len(plans), len(todo), folder)
+    gpus = 0.0
+    if todo:
+        ray_runtime.init(cfg.ray)
+        metas.update(_run_actors(cfg, folder, fp, plans, todo))
+        gpus = cfg.encode.num_gpus_per_actor * _pool_size(cfg, len(todo))
+    skipped = [s for i in sorted(metas) for s in metas[i]["skipped"]]
+    if skipped and cfg.encode.strict:
+        raise DataError(f"encode.strict: {len(skipped)} images could not be used, first: {skipped[0]}")
+    counts = dict.fromkeys(train.classes, 0)
+    for m in metas.values():
+        for name, n in m["counts"].items():
+            counts[name] += n
+    shape = metas[0]["shape"]
+    total = sum(counts.values())
+    mean = sum(shards.decode_vector(m["sum"], (int(np.prod(shape)),)) for m in metas.values()) / max(total, 1)
+    encoder_scale = _scaling_factor(cfg)
+    from safetensors.numpy import save as save_tensors
+
+    storage.write_bytes(storage.join(folder, schema.STATS),
+                        save_tensors({"latent_mean": (mean.reshape(shape) * encoder_scale).astype(np.float32)}))
+    wall = time.time() - start
+    return artifacts.publish(
+        folder, "encode", fp, cfg,
+        shards=[storage.join("shards", shards.shard_name(i)) for i in range(len(plans))],
+        rows=total, classes=list(train.classes), counts=counts,
+        model_class_ids=list(cfg.data.model_class_ids or range(len(train.classes))),
+        latent_shape=shape, dtype=cfg.encode.dtype, encoder=cfg.encode.encoder,
+        scaling_factor=encoder_scale, deterministic=cfg.encode.encoder == "identity",
+        skipped=skipped, problems=problems, nonfinite_rows=sum(m["nonfinite_rows"] for m in metas.values()),
+        wall_seconds=round(wall, 2), accelerator_seconds=round(wall * gpus, 2),
+    )
+
+
+def _pool_size(cfg: Config, shards_to_do: int) -> int:
+    """Encoder actors: as configured, else one per GPU share or per CPU."""
+    from mmdist import ray_runtime
+
+    if cfg.encode.num_actors:
+        return min(cfg.encode.num_actors, shards_to_do)
+    if cfg.encode.num_gpus_per_actor > 0:
+        return max(1, min(shards_to_do, int(ray_runtime.cluster_gpus() / cfg.encode.num_gpus_per_actor)))
+    return max(1, min(shards_to_do, int(ray_runtime.cluster_cpus())))
+
+
+def _run_actors(cfg: Config, folder: str, fp: str, plans: list, todo: list[int]) -> dict[int, dict]:
+    """Map the shards to do over an actor pool; returns their summaries as they finish."""
+    import ray
+    from tqdm import tqdm
+
+    from mmdist import ray_runtime
+
+    size = _pool_size(cfg, len(todo))
+    cpus = ray_runtime.share(ray_runtime.cluster_cpus(), size, reserve=0.25)
+    rows = [{"shard": i, "items": json.dumps([list(_item_row(it)) for it in plans[i]])} for i in todo]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+        ShardEncoder, fn_constructor_kwargs=dict(config=cfg.to_dict(), folder=folder, fp=fp, cpus=cpus),
+        batch_size=1, compute=ray.data.ActorPoolStrategy(size=size),
+        num_cpus=cpus, num_gpus=cfg.encode.num_gpus_per_actor or None,
+    )
+    out = {}
+    with tqdm(total=len(todo), desc="encode shards", unit="shard") as bar:
+        for row in ds.iter_rows():
+            out[int(row["shard"])] = json.loads(row["meta"])
+            bar.update()
+    return out
+
+
+def _item_row(it: datasets.Item) -> tuple:
+    """An Item as a JSON-able tuple (field order of the dataclass)."""
+    return (it.source_id, it.class_name, it.label, it.uri, it.row)
+
+
+def _scaling_factor(cfg: Config) -> float:
+    """The latent scale: configured, else 1 for identity, else read from the VAE config."""
+    if cfg.encode.scaling_factor:
+        return cfg.encode.scaling_factor
+    if cfg.encode.encoder == "identity":
+        return 1.0
+    from mmdist.models.diffusion import vae_config
+
+    return float(vae_config(cfg.encode.encoder, cfg.encode.encoder_subfolder).get("scaling_factor", 0.18215))

@@ -1,0 +1,60 @@
+"""Starting or joining a Ray cluster, and sizing work to the resources it has.
+
+On a 2-core laptop, Ray hangs silently when training workers hold every CPU and Ray Data's read
+tasks can never be scheduled (ray-notes). So nothing here hard-codes one CPU per worker: shares
+are computed from the cluster, leaving room for data tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import ray
+
+from mmdist.config import RayConfig
+
+log = logging.getLogger("mmdist")
+
+
+def init(cfg: RayConfig) -> None:
+    """Join the cluster at cfg.address / RAY_ADDRESS, or start a local one (idempotent)."""
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    # Ray's own progress bars fight with ours and its INFO lines drown the log on a laptop
+    ctx_kwargs = dict(log_to_driver=True, logging_level=logging.WARNING)
+    if address:
+        ray.init(address=address, **ctx_kwargs)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, **ctx_kwargs)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    DataContext.get_current().print_on_execution_start = False
+
+
+def cluster_cpus() -> float:
+    """Total CPUs of the cluster."""
+    return float(ray.cluster_resources().get("CPU", 1))
+
+
+def cluster_gpus() -> float:
+    """Total GPUs of the cluster."""
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def share(total: float, parts: int, reserve: float = 0.5) -> float:
+    """CPUs for each of ``parts`` workers, leaving ``reserve`` CPUs for Ray Data's tasks.
+
+    Rounded down to a quarter CPU, at least a quarter: fractional CPUs are scheduling tokens,
+    not cores, so this only decides what can run side by side.
+    """
+    each = max(0.25, (total - reserve) / max(parts, 1))
+    return math.floor(each * 4) / 4
+
+
+def torch_threads(cpus: float) -> int:
+    """Torch intra-op threads for a worker given ``cpus`` (2 threads on a shared core run slower)."""
+    return max(1, int(cpus))

@@ -1,0 +1,115 @@
+"""Latent shards: Parquet files with fixed-shape tensor columns, plus the manifest that lists them.
+
+A shard is written whole in one atomic write (a local rename, or one S3 PUT) and carries its own
+statistics in the Parquet key-value metadata, so a resumed encode can trust finished shards
+without redoing them. A reader trusts only the shards that a manifest lists; the manifest is
+written last.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mmdist import schema, storage
+from mmdist.errors import ArtifactError
+
+_META_KEY = b"mmdist"
+
+
+def shard_name(index: int) -> str:
+    """File name of shard ``index``."""
+    return f"part-{index:05d}.parquet"
+
+
+def _tensor_column(array: np.ndarray) -> pa.Array:
+    """[N, C, H, W] numpy -> a fixed-shape tensor column (round-trips through Ray Data)."""
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(array))
+
+
+def encode_vector(v: np.ndarray) -> str:
+    """A float64 vector as base64 text (for Parquet/JSON metadata)."""
+    return base64.b64encode(np.asarray(v, dtype=np.float64).tobytes()).decode()
+
+
+def decode_vector(text: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of ``encode_vector``."""
+    return np.frombuffer(base64.b64decode(text), dtype=np.float64).reshape(shape)
+
+
+def write_shard(uri: str, *, mean: np.ndarray, std: np.ndarray | None, labels: np.ndarray,
+                class_names: list[str], source_ids: list[str], meta: dict[str, Any]) -> None:
+    """Write one shard atomically, with ``meta`` (counts, sums, fingerprint) in its footer."""
+    columns = {
+        schema.LATENT_MEAN: _tensor_column(mean),
+        schema.LABEL: pa.array(labels.astype(np.int64)),
+        schema.CLASS_NAME: pa.array(class_names, pa.string()),
+        schema.SOURCE_ID: pa.array(source_ids, pa.string()),
+    }
+    if std is not None:
+        columns[schema.LATENT_STD] = _tensor_column(std)
+    table = pa.table(columns).replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def read_shard_meta(uri: str) -> dict[str, Any] | None:
+    """The metadata of a finished shard, or None if it is missing or unreadable."""
+    fs, path = storage.filesystem(uri)
+    try:
+        with fs.open(path, "rb") as f:
+            md = pq.read_schema(f).metadata or {}
+        return json.loads(md[_META_KEY])
+    except (FileNotFoundError, KeyError, OSError, pa.ArrowInvalid, json.JSONDecodeError):
+        return None
+
+
+def read_shard(uri: str) -> dict[str, np.ndarray]:
+    """All columns of a shard as numpy arrays (tensors as [N, C, H, W])."""
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f)
+    out = {}
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        out[name] = col.to_numpy_ndarray() if isinstance(col.type, pa.FixedShapeTensorType) else np.asarray(
+            col.to_pylist() if col.type == pa.string() else col.to_numpy())
+    return out
+
+
+def load_manifest(folder: str, kind: str) -> dict[str, Any]:
+    """The manifest of a finished artifact; ArtifactError if it is missing or of another kind."""
+    uri = storage.join(folder, schema.MANIFEST)
+    if not storage.exists(uri):
+        raise ArtifactError(f"{folder}: no {schema.MANIFEST} — the {kind} stage has not finished there")
+    manifest = storage.read_json(uri)
+    if manifest.get("kind") != kind:
+        raise ArtifactError(f"{folder}: holds a {manifest.get('kind')!r} artifact, expected {kind!r}")
+    if not storage.exists(storage.join(folder, schema.CONFIG)):
+        raise ArtifactError(f"{folder}: no {schema.CONFIG} beside the manifest; refusing an artifact of unknown origin")
+    return manifest
+
+
+def check_latents(manifest: dict[str, Any], *, shape: tuple[int, ...] | None = None,
+                  num_model_classes: int | None = None, class_ids: list[int] | None = None) -> None:
+    """Refuse latents that cannot train the model: shape, label range, NaN/Inf rows."""
+    if manifest.get("nonfinite_rows", 0):
+        raise ArtifactError(f"latent shards contain {manifest['nonfinite_rows']} rows with NaN/Inf values; "
+                            "re-encode the data (a broken VAE or input images)")
+    got = tuple(manifest["latent_shape"])
+    if shape is not None and got != tuple(shape):
+        raise ArtifactError(f"latent shape {list(got)} does not match the model's input {list(shape)} "
+                            "(channels, height, width)")
+    if num_model_classes is not None:
+        ids = class_ids if class_ids is not None else list(range(len(manifest["classes"])))
+        bad = [i for i in ids if not 0 <= i < num_model_classes]
+        if bad:
+            raise ArtifactError(f"class ids {bad[:5]} are outside the model's {num_model_classes} classes "
+                                "(check data.model_class_ids)")
