@@ -28,7 +28,7 @@ def init(cfg: RayConfig) -> None:
     if address:
         ray.init(address=address, **ctx_kwargs)
     else:
-        ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, **ctx_kwargs)
+        ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, **ctx_kwargs)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

@@ -1,0 +1,15 @@
+"""Entry points for `ray job submit -- python -m jobs.<name>` and plain `python -m jobs.<name>`."""
+
+from __future__ import annotations
+
+import sys
+
+from mmdist.config import Config
+
+
+def run_job(cfg: Config, stages: tuple[str, ...] | None = None, argv: list[str] | None = None) -> None:
+    """Apply ``key=value`` overrides from the command line and run the pipeline."""
+    from mmdist.cli import main as cli_main
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    raise SystemExit(cli_main(["run", *args], base=cfg, stages=stages))

@@ -1,0 +1,326 @@
+"""Ray Train: DDP training of the DiT over streamed latent shards (pretrain and finetune).
+
+The driver (``fit``) reads the shards with Ray Data (file-level shuffle), checks them against the
+model, and runs a ``TorchTrainer``; each worker rebuilds the typed config, the model and the
+minimax memories, restores the latest checkpoint if there is one, and loops over its shard
+calling ``training.train_step``. Memories are synchronised with all-gather through
+``TorchCollective``, so N workers train like one process with the global batch.
+
+Resume: the run's name includes the config fingerprint, and Ray Train resumes a run started
+again with the same (storage_path, name) from its latest checkpoint, as it does after a worker
+failure (``FailureConfig``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmdist import artifacts, schema, storage, training
+from mmdist.config import Config, TrainConfig
+from mmdist.errors import ArtifactError
+from mmdist.models import diffusion
+from mmdist.models.minimax import MinimaxObjective, SingleProcess
+from mmdist.seeding import derive_seed
+
+log = logging.getLogger("mmdist")
+EMBEDDED_BACKBONE = os.path.join(os.path.dirname(__file__), "assets", "dit-fashion-mnist")
+
+
+class TorchCollective:
+    """all_gather over the DDP process group (gloo on CPU, NCCL on GPU)."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.world_size = dist.get_world_size()
+        self.rank = dist.get_rank()
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's tensor along dim 0 in rank order."""
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        self._dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model construction, shared by the workers and the driver's export
+# ----------------------------------------------------------------------------------------------
+
+
+def local_folder(uri: str) -> str:
+    """A local copy of a model folder on object storage (cached by URI); local paths pass through."""
+    if not storage.is_remote(uri):
+        return uri
+    import hashlib
+
+    target = os.path.join(os.path.expanduser("~"), ".cache", "mmdist", "models",
+                          hashlib.sha1(uri.encode()).hexdigest()[:16])
+    if not os.path.exists(os.path.join(target, "config.json")):
+        fs, path = storage.filesystem(uri)
+        tmp = target + f".tmp-{os.getpid()}"
+        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+        if os.path.exists(target):  # another worker on this node won the race
+            storage.remove(tmp)
+        else:
+            os.replace(tmp, target)
+    return target
+
+
+def backbone_source(cfg: Config) -> tuple[str, str | None]:
+    """(hub id or local folder, subfolder) of the backbone to fine-tune."""
+    b = cfg.finetune.backbone
+    if b == "embedded":
+        return EMBEDDED_BACKBONE, None
+    if b == "pretrain":
+        folder = artifacts.stage_dir(cfg, "pretrain")
+        artifacts.require(folder, "pretrain")
+        return local_folder(storage.join(folder, "model_ema")), None
+    return local_folder(b), cfg.finetune.backbone_subfolder
+
+
+def build_model(cfg: Config, stage: str, latents: dict[str, Any]) -> torch.nn.Module:
+    """A fresh DiT (pretrain) or the pretrained backbone (finetune)."""
+    if stage == "pretrain":
+        c, h, _ = latents["latent_shape"]
+        return diffusion.create_dit(cfg.pretrain.model, sample_size=h, in_channels=c,
+                                    num_classes=max(latents["model_class_ids"]) + 1,
+                                    learn_sigma=cfg.pretrain.learn_sigma)
+    path, sub = backbone_source(cfg)
+    return diffusion.load_dit(path, sub)
+
+
+def build_objective(cfg: Config, stage: str, latents: dict[str, Any], stats: dict[str, np.ndarray],
+                    device: torch.device) -> MinimaxObjective | None:
+    """The minimax objective for fine-tuning (None for pretraining or with both terms off)."""
+    mm = cfg.finetune.minimax
+    if stage != "finetune" or not mm.enabled:
+        return None
+    center = torch.from_numpy(stats["latent_mean"]) if mm.center == "dataset_mean" else None
+    return MinimaxObjective(
+        len(latents["classes"]), int(np.prod(latents["latent_shape"])), memory_size=mm.memory_size,
+        lambda_rep=mm.lambda_rep, lambda_div=mm.lambda_div, use_rep=mm.representativeness,
+        use_div=mm.diversity, center=center, memory_dtype=mm.memory_dtype, device=device)
+
+
+def train_config(cfg: Config, stage: str) -> TrainConfig:
+    """The stage's section (pretrain or finetune)."""
+    return cfg.pretrain if stage == "pretrain" else cfg.finetune
+
+
+def trainable_set(cfg: Config, stage: str) -> str:
+    """Pretraining trains everything; fine-tuning the configured set."""
+    return "full" if stage == "pretrain" else cfg.finetune.trainable
+
+
+# ----------------------------------------------------------------------------------------------
+# The worker
+# ----------------------------------------------------------------------------------------------
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train per-worker loop: restore, then train_step over the shard until ``steps``."""
+    import ray.train
+    import ray.train.torch
+    from ray.experimental.tqdm_ray import tqdm
+
+    cfg = Config.from_dict(loop_config["config"])
+    stage, latents, stats = loop_config["stage"], loop_config["latents"], loop_config["stats"]
+    tcfg = train_config(cfg, stage)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(loop_config["threads"])
+    device = ray.train.torch.get_device()
+    torch.manual_seed(derive_seed(tcfg.seed, stage, rank))
+
+    model = build_model(cfg, stage, latents)
+    objective = build_objective(cfg, stage, latents, stats, device)
+    state = training.build_state(model, trainable=trainable_set(cfg, stage), lr=tcfg.lr,
+                                 weight_decay=tcfg.weight_decay, objective=objective)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            training.load_checkpoint(state, folder)
+        # a resumed rank draws fresh randomness that depends only on where it resumed
+        torch.manual_seed(derive_seed(tcfg.seed, stage, rank, state.step))
+    training.to_device(state, device)
+    ddp_model = ray.train.torch.prepare_model(state.model, move_to_device=False) if world > 1 else state.model
+    ctx = training.StepContext(
+        diffusion=diffusion.GaussianDiffusion(),
+        class_ids=torch.tensor(latents["model_class_ids"], device=device),
+        null_id=diffusion.num_classes_of(state.model),
+        class_dropout=cfg.finetune.class_dropout if stage == "finetune" else cfg.pretrain.class_dropout,
+        scaling_factor=latents["scaling_factor"], hflip=tcfg.hflip, ema_decay=tcfg.ema_decay,
+        autocast=tcfg.mixed_precision if device.type == "cuda" else "no",
+    )
+    collective = TorchCollective() if world > 1 else SingleProcess()
+    shard = ray.train.get_dataset_shard("train")
+    local_batch = tcfg.global_batch_size // world
+    bar = tqdm(total=tcfg.steps, desc=f"{stage} steps") if rank == 0 else None
+    bar_every = max(1, min(tcfg.log_every, tcfg.steps // 50))  # each update is a log line off-terminal
+    if bar:
+        bar.update(state.step)
+    running: dict[str, list[float]] = {}
+    tick = time.time()
+    while state.step < tcfg.steps:
+        batches = shard.iter_torch_batches(batch_size=local_batch, drop_last=True, device=device,
+                                           local_shuffle_buffer_size=max(local_batch * 8, 256))
+        for batch in batches:
+            mean = batch[schema.LATENT_MEAN]
+            std = batch.get(schema.LATENT_STD)
+            metrics = training.train_step(state, ctx, mean, std, batch[schema.LABEL], ddp_model, collective)
+            for k, v in metrics.items():
+                running.setdefault(k, []).append(v)
+            if bar and state.step % bar_every == 0:
+                bar.update(bar_every)
+            last = state.step >= tcfg.steps
+            if state.step % tcfg.log_every == 0 or last:
+                row = {k: float(np.mean(v)) for k, v in running.items()}
+                row["step"] = float(state.step)
+                row["steps_per_second"] = len(running["loss"]) / max(time.time() - tick, 1e-9)
+                state.history.append(row)
+                running, tick = {}, time.time()
+                if rank == 0:
+                    log.warning("%s step %d: %s", stage, state.step,
+                                " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
+            if state.step % tcfg.checkpoint_every == 0 or last:
+                _report_checkpoint(state, rank, stage)
+            if last:
+                break
+    if bar:
+        bar.close()
+
+
+def _report_checkpoint(state: training.TrainState, rank: int, stage: str) -> None:
+    """Rank 0 saves the state; every rank reports (report is a collective in Ray Train)."""
+    import ray.train
+
+    metrics = dict(state.history[-1]) if state.history else {"step": float(state.step)}
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as folder:
+            training.save_checkpoint(state, folder, {"stage": stage})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    else:
+        ray.train.report(metrics, checkpoint=None)
+
+
+# ----------------------------------------------------------------------------------------------
+# The driver
+# ----------------------------------------------------------------------------------------------
+
+
+def fit(cfg: Config, stage: str, fp: str) -> dict[str, Any]:
+    """Train on the latent shards with Ray Train and export the model; returns manifest fields."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from mmdist import ray_runtime
+
+    tcfg = train_config(cfg, stage)
+    latents_dir = artifacts.stage_dir(cfg, "encode")
+    latents = artifacts.require(latents_dir, "encode")
+    check_against_model(cfg, stage, latents)
+    from safetensors.numpy import load as load_tensors
+
+    stats = load_tensors(storage.read_bytes(storage.join(latents_dir, schema.STATS)))
+    folder = artifacts.stage_dir(cfg, stage)
+    ray_runtime.init(cfg.ray)
+    workers = tcfg.num_workers
+    # leave one whole CPU: Ray Data's file-listing task asks for 1 CPU and cannot be told otherwise
+    cpus = tcfg.cpus_per_worker or ray_runtime.share(ray_runtime.cluster_cpus(), workers, reserve=1.0)
+    resources = {"CPU": cpus, **({"GPU": 1} if tcfg.use_gpu else {})}
+    shard_uris = [storage.join(latents_dir, s) for s in latents["shards"]]
+    fs, _ = storage.arrow_filesystem(shard_uris[0])
+    columns = [schema.LATENT_MEAN, schema.LABEL] + ([] if latents["deterministic"] else [schema.LATENT_STD])
+    paths = [storage.arrow_filesystem(u)[1] for u in shard_uris]
+    # read tasks ask for a quarter CPU: at the default 1 CPU they starve behind the workers on a
+    # small machine and training hangs silently (ray-notes)
+    dataset = ray.data.read_parquet(paths, filesystem=fs, columns=columns, shuffle="files",
+                                    num_cpus=0.25)
+    storage_path = storage.join(folder, "ray")
+    if not storage.is_remote(storage_path):
+        storage_path = os.path.abspath(storage_path)
+    start = time.time()
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.to_dict(), "stage": stage, "latents": _slim(latents),
+                           "stats": stats, "threads": ray_runtime.torch_threads(cpus)},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=tcfg.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=f"{stage}-{fp}", storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    wall = time.time() - start
+    if result.checkpoint is None:
+        raise ArtifactError(f"{stage}: training ended without a checkpoint ({result.error})")
+    with result.checkpoint.as_directory() as ckpt:
+        meta = export(cfg, stage, latents, ckpt, folder)
+    return {"steps": meta["step"], "history": meta["history"], "final": meta["history"][-1] if meta["history"] else {},
+            "wall_seconds": round(wall, 2), "accelerator_seconds": round(wall * workers * tcfg.use_gpu, 2),
+            "num_workers": workers, "latents": latents_dir, "classes": latents["classes"],
+            "model_class_ids": latents["model_class_ids"]}
+
+
+def _slim(latents: dict[str, Any]) -> dict[str, Any]:
+    """The manifest fields workers need (not the whole resolved config)."""
+    keys = ("latent_shape", "model_class_ids", "classes", "scaling_factor", "deterministic")
+    return {k: latents[k] for k in keys}
+
+
+def check_against_model(cfg: Config, stage: str, latents: dict[str, Any]) -> None:
+    """Refuse latents the model cannot train on, before any worker starts."""
+    from mmdist.shards import check_latents
+
+    if stage == "pretrain":
+        check_latents(latents)
+        size = diffusion.DIT_SIZES.get(cfg.pretrain.model)
+        if size is None:
+            raise ArtifactError(f"pretrain.model: unknown DiT size {cfg.pretrain.model!r}; "
+                                f"choose from {sorted(diffusion.DIT_SIZES)}")
+        if latents["latent_shape"][1] % size.patch_size:
+            raise ArtifactError(f"latent size {latents['latent_shape'][1]} is not divisible by the patch size "
+                                f"{size.patch_size} of {cfg.pretrain.model}")
+        return
+    path, sub = backbone_source(cfg)
+    conf = diffusion.dit_config(path, sub)
+    check_latents(latents, shape=(conf["in_channels"], conf["sample_size"], conf["sample_size"]),
+                  num_model_classes=conf["num_embeds_ada_norm"], class_ids=latents["model_class_ids"])
+
+
+def export(cfg: Config, stage: str, latents: dict[str, Any], ckpt: str, folder: str) -> dict[str, Any]:
+    """Write model/ (raw) and model_ema/ (sampled by default) as diffusers folders."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(os.path.join(ckpt, training.STATE_FILE))
+    import json
+
+    with open(os.path.join(ckpt, training.META_FILE)) as f:
+        meta = json.load(f)
+    for prefix, name in (("param", "model"), ("ema", "model_ema")):
+        model = build_model(cfg, stage, latents)
+        diffusion.mark_trainable(model, trainable_set(cfg, stage))
+        training.apply_weights(model, tensors, prefix)
+        with tempfile.TemporaryDirectory() as tmp:
+            diffusion.save_dit(model, tmp)
+            put_folder(tmp, storage.join(folder, name))
+    storage.write_json(storage.join(folder, "history.json"), meta["history"])
+    return meta
+
+
+def put_folder(local: str, uri: str) -> None:
+    """Copy a local folder's files to ``uri`` (each file written atomically)."""
+    for name in sorted(os.listdir(local)):
+        with open(os.path.join(local, name), "rb") as f:
+            storage.write_bytes(storage.join(uri, name), f.read())

@@ -1,0 +1,193 @@
+"""One optimisation step of DiT training, with or without the minimax terms, and its state.
+
+Plain single-device PyTorch: the Ray Train worker (``mmdist.distributed``) is a short loop that
+calls ``train_step`` on each batch of its shard. Pretraining and fine-tuning share everything;
+they differ in the initial weights, the trainable set and whether the objective is attached.
+Checkpoints are safetensors (tensors) plus JSON (step, history): nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mmdist.models import diffusion
+from mmdist.models.minimax import Collective, MinimaxObjective
+
+
+@dataclass
+class TrainState:
+    """Everything a training run carries from step to step."""
+
+    model: nn.Module
+    trainable: dict[str, nn.Parameter]
+    ema: dict[str, torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    objective: MinimaxObjective | None
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Per-run constants of a step."""
+
+    diffusion: diffusion.GaussianDiffusion
+    class_ids: torch.Tensor  # local label -> model class id
+    null_id: int
+    class_dropout: float
+    scaling_factor: float
+    hflip: bool
+    ema_decay: float
+    autocast: str  # "no" or "bf16"
+
+
+def build_state(model: nn.Module, *, trainable: str, lr: float, weight_decay: float,
+                objective: MinimaxObjective | None) -> TrainState:
+    """Mark the trainable set, start the EMA from the current weights, and make AdamW."""
+    params = diffusion.mark_trainable(model, trainable)
+    ema = {name: p.detach().clone() for name, p in params.items()}
+    # AdamW with the default betas (0.9, 0.999), constant lr (DiffFit / method.md §1.8)
+    opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=weight_decay)
+    return TrainState(model, params, ema, opt, objective)
+
+
+def to_device(state: TrainState, device: torch.device) -> None:
+    """Move the model, EMA and memories to ``device`` (parameters keep their identity)."""
+    state.model.to(device)
+    for k in state.ema:
+        state.ema[k] = state.ema[k].to(device)
+    if state.objective is not None:
+        for mem in (state.objective.real, state.objective.pred):
+            for name, t in mem.state_dict().items():
+                setattr(mem, name, t.to(device))
+        if state.objective.center is not None:
+            state.objective.center = state.objective.center.to(device)
+
+
+@torch.no_grad()
+def ema_update(state: TrainState, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * params."""
+    for name, p in state.trainable.items():
+        state.ema[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+def train_step(state: TrainState, ctx: StepContext, mean: torch.Tensor, std: torch.Tensor | None,
+               labels: torch.Tensor, model: nn.Module | None = None,
+               collective: Collective | None = None) -> dict[str, float]:
+    """One step on a batch of latent posteriors; returns the logged metrics.
+
+    ``model`` is the (possibly DDP-wrapped) module to call; by default ``state.model``.
+    """
+    model = model or state.model
+    if not torch.isfinite(mean).all() or (std is not None and not torch.isfinite(std).all()):
+        raise ValueError(f"non-finite latent values in the batch of step {state.step + 1}")
+    x0 = mean if std is None else mean + std * torch.randn_like(mean)
+    x0 = x0.float() * ctx.scaling_factor
+    if ctx.hflip:
+        flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
+        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+    t = torch.randint(0, ctx.diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
+    noise = torch.randn_like(x0)
+    xt = ctx.diffusion.q_sample(x0, t, noise)
+    y = diffusion.drop_labels(ctx.class_ids[labels], ctx.null_id, ctx.class_dropout)
+    amp = (torch.autocast(device_type=x0.device.type, dtype=torch.bfloat16)
+           if ctx.autocast == "bf16" else nullcontext())
+    with amp:
+        out = diffusion.dit_forward(model, xt, t, y)
+    parts = ctx.diffusion.losses(out.float(), x0, xt, t, noise)
+    loss = parts["loss"].mean()
+    metrics = {"loss_diffusion": loss.item(), "mse": parts["mse"].mean().item()}
+    if "vb" in parts:
+        metrics["vb"] = parts["vb"].mean().item()
+    if state.objective is not None:
+        # label dropout stays on; dropped samples still enter the terms under their real class (§1.4)
+        terms = state.objective(parts["pred_x0"], x0, labels, collective)
+        loss = loss + terms.loss
+        metrics.update(representativeness=terms.representativeness.item(),
+                       diversity=terms.diversity.item(), minimax_classes=float(terms.active_classes),
+                       loss_minimax=terms.loss.item())
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    state.optimizer.step()
+    ema_update(state, ctx.ema_decay)
+    state.step += 1
+    metrics["loss"] = loss.item()
+    metrics["step"] = float(state.step)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: safetensors + JSON
+# ----------------------------------------------------------------------------------------------
+
+STATE_FILE = "state.safetensors"
+META_FILE = "meta.json"
+
+
+def save_checkpoint(state: TrainState, folder: str, extra: dict[str, Any] | None = None) -> None:
+    """Trainable weights, EMA, optimizer moments, memories -> folder/state.safetensors + meta.json."""
+    tensors = {}
+    for name, p in state.trainable.items():
+        tensors[f"param/{name}"] = p.detach()
+        tensors[f"ema/{name}"] = state.ema[name]
+        for key, value in state.optimizer.state.get(p, {}).items():
+            tensors[f"opt/{name}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    if state.objective is not None:
+        for mem_name, mem in (("real", state.objective.real), ("pred", state.objective.pred)):
+            for key, t in mem.state_dict().items():
+                tensors[f"memory/{mem_name}/{key}"] = t
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(folder, STATE_FILE))
+    with open(os.path.join(folder, META_FILE), "w") as f:
+        json.dump({"step": state.step, "history": state.history, **(extra or {})}, f)
+
+
+def load_checkpoint(state: TrainState, folder: str) -> dict[str, Any]:
+    """Restore what ``save_checkpoint`` wrote; returns the JSON metadata."""
+    tensors = load_file(os.path.join(folder, STATE_FILE))
+    names = {k.split("/", 1)[1] for k in tensors if k.startswith("param/")}
+    if names != set(state.trainable):
+        missing = sorted(set(state.trainable) - names)[:3]
+        raise ValueError(f"checkpoint does not match the model (missing {missing}): a different model or trainable set")
+    with torch.no_grad():
+        for name, p in state.trainable.items():
+            src = tensors[f"param/{name}"]
+            if src.shape != p.shape:
+                raise ValueError(f"checkpoint tensor {name} has shape {tuple(src.shape)}, model {tuple(p.shape)}")
+            p.copy_(src)
+            state.ema[name] = tensors[f"ema/{name}"].to(p.device)
+    opt_state = {}
+    for i, (name, p) in enumerate(state.trainable.items()):
+        entry = {k.rsplit("/", 1)[1]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt/{name}/")}
+        if entry:
+            entry["step"] = entry["step"].cpu()  # AdamW keeps `step` on the CPU
+            opt_state[i] = entry
+    sd = state.optimizer.state_dict()
+    state.optimizer.load_state_dict({"state": opt_state, "param_groups": sd["param_groups"]})
+    if state.objective is not None:
+        for mem_name, mem in (("real", state.objective.real), ("pred", state.objective.pred)):
+            mem.load_state_dict({k: tensors[f"memory/{mem_name}/{k}"].to(mem.buffer.device)
+                                 for k in ("buffer", "count", "head")})
+    with open(os.path.join(folder, META_FILE)) as f:
+        meta = json.load(f)
+    state.step = int(meta["step"])
+    state.history = list(meta.get("history", []))
+    return meta
+
+
+def apply_weights(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> nn.Module:
+    """Copy ``prefix/<name>`` tensors (e.g. 'ema') into the model's parameters of that name."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if key.startswith(prefix + "/"):
+                params[key[len(prefix) + 1:]].copy_(value)
+    return model
