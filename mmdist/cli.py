@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 
-from mmdist.config import Config, apply_overrides, describe, load_yaml, to_dict
+from mmdist.config import Config, absolute_paths, apply_overrides, describe, load_yaml, to_dict
 from mmdist.errors import MmdistError
 
 STAGE_COMMANDS = ("encode", "pretrain", "finetune", "sample", "evaluate", "run")
@@ -50,7 +50,7 @@ def resolve(args: argparse.Namespace, base: Config | None = None) -> Config:
         cfg = dataclasses.replace(cfg, output=args.output)
     if args.overwrite:
         cfg = dataclasses.replace(cfg, overwrite=True)
-    return apply_overrides(cfg, args.overrides)
+    return absolute_paths(apply_overrides(cfg, args.overrides))
 
 
 def _root_cause(e: BaseException) -> MmdistError | None:

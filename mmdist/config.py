@@ -217,6 +217,7 @@ class SampleConfig:
     """IPC images per class with classifier-free guidance, fanned out over Ray actors."""
 
     ipc: int = opt(10, "images per class; smaller IPCs are the first k images of this generation")
+    classes: tuple[str, ...] | None = opt(None, "class names to sample; None samples every class")
     batch_size: int = opt(32, "images per sampler forward pass within a class")
     scheduler: Literal["ddpm", "ddim", "dpm"] = opt("ddpm", "ddpm: the paper's ancestral sampler with learned variance")
     steps: int = opt(50, "sampling steps (paper: 50, respaced like ADM)")
@@ -247,12 +248,15 @@ class EvaluateConfig:
 
     protocol: Literal["hard", "soft"] = opt("hard", "hard: IDC one-hot recipe; soft: RDED teacher relabelling")
     methods: tuple[str, ...] = opt(
-        ("minimax", "random"), "rows of the table: minimax, diffusion (un-fine-tuned), random (real subset), full"
+        ("minimax", "random"),
+        "rows of the table: minimax, diffusion (un-fine-tuned), random (real subset), full, distilled",
     )
+    distilled: str | None = opt(None, "an ImageFolder of distilled images from any method, evaluated as 'distilled'")
     archs: tuple[str, ...] = opt(("convnet",), "test networks from mmdist.models.classifiers (or timm:<name>)")
     ipcs: tuple[int, ...] = opt((10,), "images per class to evaluate")
     seeds: tuple[int, ...] = opt((0, 1, 2), "one trial per seed; the table shows mean ± std")
     epochs: int | None = opt(300, "training epochs; None follows the recipe (hard: 2000/1500/1000 by IPC)")
+    resolution: int | None = opt(None, "evaluation resolution (paper: 224 for 256 px data); None = data.image_size")
     batch_size: int = opt(64, "train batch (IDC: 64)")
     lr: float | None = opt(None, "None: the protocol's (hard SGD 0.01, soft AdamW 0.001)")
     evals: int = opt(10, "test passes during training; the best and the last are reported")
@@ -278,7 +282,7 @@ class EvaluateConfig:
         _check(self.temperature > 0, "evaluate.temperature", "must be positive")
 
 
-EVAL_METHODS = ("minimax", "diffusion", "random", "full")
+EVAL_METHODS = ("minimax", "diffusion", "random", "full", "distilled")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -455,6 +459,27 @@ def load_yaml(path: str, base: Config | None = None) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level")
     return Config.from_dict(merge(to_dict(base or Config()), raw))
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Make local paths absolute, so that Ray workers (other working directories) find them."""
+    import os
+
+    def fix(path: str | None, must_exist: bool = False) -> str | None:
+        if path is None or "://" in path or os.path.isabs(path):
+            return path
+        if must_exist and not os.path.exists(path):
+            return path  # a hub id such as facebook/DiT-XL-2-256
+        return os.path.abspath(path)
+
+    return dataclasses.replace(
+        cfg, output=fix(cfg.output), latents=fix(cfg.latents),
+        data=dataclasses.replace(cfg.data, train=fix(cfg.data.train), test=fix(cfg.data.test)),
+        encode=dataclasses.replace(cfg.encode, encoder=fix(cfg.encode.encoder, must_exist=True)),
+        finetune=dataclasses.replace(cfg.finetune, backbone=fix(cfg.finetune.backbone, must_exist=True)),
+        evaluate=dataclasses.replace(cfg.evaluate, distilled=fix(cfg.evaluate.distilled),
+                                     teacher=fix(cfg.evaluate.teacher)),
+    )
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -86,15 +86,16 @@ def backbone_source(cfg: Config) -> tuple[str, str | None]:
     return local_folder(b), cfg.finetune.backbone_subfolder
 
 
-def build_model(cfg: Config, stage: str, latents: dict[str, Any]) -> torch.nn.Module:
-    """A fresh DiT (pretrain) or the pretrained backbone (finetune)."""
+def build_model(cfg: Config, stage: str, latents: dict[str, Any],
+                backbone: tuple[str, str | None] | None = None) -> torch.nn.Module:
+    """A fresh DiT (pretrain) or the pretrained backbone (finetune; ``backbone`` from the driver)."""
     if stage == "pretrain":
         c, h, _ = latents["latent_shape"]
         return diffusion.create_dit(cfg.pretrain.model, sample_size=h, in_channels=c,
                                     num_classes=max(latents["model_class_ids"]) + 1,
                                     learn_sigma=cfg.pretrain.learn_sigma)
-    path, sub = backbone_source(cfg)
-    return diffusion.load_dit(path, sub)
+    path, sub = backbone or backbone_source(cfg)
+    return diffusion.load_dit(local_folder(path), sub)
 
 
 def build_objective(cfg: Config, stage: str, latents: dict[str, Any], stats: dict[str, np.ndarray],
@@ -140,7 +141,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(derive_seed(tcfg.seed, stage, rank))
 
-    model = build_model(cfg, stage, latents)
+    model = build_model(cfg, stage, latents, loop_config["backbone"])
     objective = build_objective(cfg, stage, latents, stats, device)
     state = training.build_state(model, trainable=trainable_set(cfg, stage), lr=tcfg.lr,
                                  weight_decay=tcfg.weight_decay, objective=objective)
@@ -252,6 +253,7 @@ def fit(cfg: Config, stage: str, fp: str) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "stage": stage, "latents": _slim(latents),
+                           "backbone": _remote_backbone(cfg) if stage == "finetune" else None,
                            "stats": stats, "threads": ray_runtime.torch_threads(cpus)},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=tcfg.use_gpu,
                                                resources_per_worker=resources),
@@ -271,6 +273,13 @@ def fit(cfg: Config, stage: str, fp: str) -> dict[str, Any]:
             "wall_seconds": round(wall, 2), "accelerator_seconds": round(wall * workers * tcfg.use_gpu, 2),
             "num_workers": workers, "latents": latents_dir, "classes": latents["classes"],
             "model_class_ids": latents["model_class_ids"]}
+
+
+def _remote_backbone(cfg: Config) -> tuple[str, str | None]:
+    """The backbone as workers on any node can load it: the URI of a stage output, else as given."""
+    if cfg.finetune.backbone == "pretrain":
+        return storage.join(artifacts.stage_dir(cfg, "pretrain"), "model_ema"), None
+    return backbone_source(cfg)
 
 
 def _slim(latents: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,381 @@
+"""Stage 5 — evaluate: method x architecture x IPC x seed as a Ray Tune grid; mean ± std tables.
+
+Methods: ``minimax`` and ``diffusion`` (the sampled sets), ``random`` (a random real subset per
+seed, the field's baseline under the same recipe), ``full`` (the whole train split), and
+``distilled`` (any ImageFolder given as ``evaluate.distilled``). IPC k of a sampled set is its
+first k images per class. Each trial trains one test network under the protocol (hard or soft,
+``mmdist.protocols``) and writes its result file; a rerun skips finished trials. Results go to
+results.{md,csv,json} and accuracy.png, and every row names its protocol.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import time
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmdist import artifacts, datasets, protocols, schema, storage
+from mmdist.config import Config
+from mmdist.errors import ConfigError, DataError
+from mmdist.models import classifiers
+
+log = logging.getLogger("mmdist")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data for the trials
+# ----------------------------------------------------------------------------------------------
+
+
+def _sampled_set(cfg: Config, variant: str, ipc: int, classes: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``ipc`` images per class of a sampled variant (from its Parquet copy)."""
+    import pyarrow.parquet as pq
+
+    from mmdist.sample import decode_png
+
+    folder = storage.join(artifacts.stage_dir(cfg, "sample"), variant)
+    manifest = storage.read_json(storage.join(folder, schema.MANIFEST))
+    if manifest["ipc"] < ipc:
+        raise ConfigError(f"evaluate.ipcs: IPC {ipc} is larger than the {manifest['ipc']} images per class "
+                          f"sampled for {variant} (raise sample.ipc)")
+    _check_classes(variant, [c["class"] for c in manifest["classes"]], classes)
+    images, labels = [], []
+    for entry in manifest["classes"]:
+        fs, path = storage.filesystem(storage.join(folder, "parquet", f"{entry['folder']}.parquet"))
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=[schema.PNG, schema.INDEX]).sort_by(schema.INDEX)
+        pngs = table.column(schema.PNG).to_pylist()[:ipc]
+        images += [decode_png(p) for p in pngs]
+        labels += [classes.index(entry["class"])] * len(pngs)
+    return np.stack(images), np.array(labels, dtype=np.int64)
+
+
+def _folder_set(cfg: Config, root: str, ipc: int, classes: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``ipc`` files per class (sorted names) of any distilled ImageFolder."""
+    data = replace(cfg.data, source="imagefolder", train=root, classes=None, model_class_ids=None,
+                   max_per_class=None)
+    index = datasets.index_split(data, "train")
+    _check_classes(root, list(index.classes), classes)
+    short = {c: n for c, n in index.counts().items() if n < ipc}
+    if short:
+        raise ConfigError(f"evaluate.ipcs: IPC {ipc} is larger than the images available in {root} "
+                          f"(e.g. {next(iter(short))!r} has {next(iter(short.values()))})")
+    items = [it for c in index.classes for it in [i for i in index.items if i.class_name == c][:ipc]]
+    x, _ = datasets.load_images(data, items)
+    return x, np.array([classes.index(it.class_name) for it in items], dtype=np.int64)
+
+
+def _random_set(cfg: Config, train: datasets.SplitIndex, ipc: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``ipc`` random real train images per class, drawn with ``seed``."""
+    rng = np.random.default_rng(seed)
+    by_class = [[it for it in train.items if it.label == k] for k in range(len(train.classes))]
+    short = [train.classes[k] for k, members in enumerate(by_class) if len(members) < ipc]
+    if short:
+        raise ConfigError(f"evaluate.ipcs: IPC {ipc} is larger than the real images of class {short[0]!r}")
+    items = [members[i] for members in by_class for i in sorted(rng.choice(len(members), ipc, replace=False))]
+    return datasets.load_images(cfg.data, items, "train")
+
+
+def _check_classes(source: str, got: list[str], want: tuple[str, ...]) -> None:
+    """The distilled set must have exactly the test set's classes."""
+    if set(got) != set(want):
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        raise DataError(f"{source}: classes differ from the test set's (missing {missing[:5]}, extra {extra[:5]})")
+
+
+def build_sets(cfg: Config, test_classes: tuple[str, ...]) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
+    """(method, ipc, seed) -> uint8 images and labels; seed is None for seed-independent sets."""
+    e = cfg.evaluate
+    sets: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+    train = datasets.index_split(cfg.data, "train") if {"random", "full"} & set(e.methods) else None
+    for method in e.methods:
+        for ipc in e.ipcs:
+            if method in ("minimax", "diffusion"):
+                sets[(method, ipc, None)] = _sampled_set(cfg, method, ipc, test_classes)
+            elif method == "distilled":
+                sets[(method, ipc, None)] = _folder_set(cfg, e.distilled, ipc, test_classes)
+            elif method == "random":
+                for seed in e.seeds:
+                    sets[(method, ipc, seed)] = _random_set(cfg, train, ipc, seed)
+        if method == "full":
+            sets[("full", 0, None)] = datasets.load_images(cfg.data, train.items, "train")
+    return sets
+
+
+def trial_specs(cfg: Config) -> list[dict[str, Any]]:
+    """Every (method, arch, ipc, seed) of the grid ('full' has no IPC)."""
+    e = cfg.evaluate
+    specs = []
+    for method in e.methods:
+        for arch in e.archs:
+            for ipc in ((0,) if method == "full" else e.ipcs):
+                for seed in e.seeds:
+                    specs.append({"method": method, "arch": arch, "ipc": ipc, "seed": seed,
+                                  "key": f"{method}-{arch.replace(':', '_')}-ipc{ipc}-seed{seed}"})
+    return specs
+
+
+# ----------------------------------------------------------------------------------------------
+# One trial (runs in a Ray Tune worker)
+# ----------------------------------------------------------------------------------------------
+
+
+def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
+    """Train and test one network; report to Tune and write the trial's result file."""
+    import ray
+    from ray import tune
+
+    cfg = Config.from_dict(shared["config"])
+    spec = params["trial"]
+    torch.set_num_threads(shared["threads"])
+    e = cfg.evaluate
+    device = torch.device("cuda" if torch.cuda.is_available() and e.gpus_per_trial > 0 else "cpu")
+    key = (spec["method"], spec["ipc"], spec["seed"] if spec["method"] == "random" else None)
+    # arrays from the object store are read-only; torch wants writable memory
+    x, y = (np.array(a) for a in ray.get(shared["sets"][key]))
+    tx, ty = (np.array(a) for a in ray.get(shared["test"]))
+    res = shared["resolution"]
+    num_classes = len(shared["classes"])
+    protocol = protocols.make_protocol(e.protocol, ipc=spec["ipc"] or 10_000, num_classes=num_classes,
+                                       epochs=e.epochs, batch_size=e.batch_size, lr=e.lr, evals=e.evals,
+                                       augment=e.augment, temperature=e.temperature)
+    model = classifiers.create(spec["arch"], in_channels=x.shape[1], num_classes=num_classes,
+                               image_size=res).to(device)
+    teacher = None
+    if protocol.soft:
+        teacher = _teacher_model(ray.get(shared["teacher"]), x.shape[1], num_classes, res).to(device)
+    start = time.time()
+    out = protocols.fit(model, protocols.to_float(torch.from_numpy(x), res).to(device), torch.from_numpy(y).to(device),
+                        protocols.to_float(torch.from_numpy(tx), res).to(device), torch.from_numpy(ty).to(device),
+                        protocol, seed=spec["seed"], teacher=teacher, report=tune.report)
+    row = {**{k: spec[k] for k in ("method", "arch", "ipc", "seed")}, "protocol": protocol.name,
+           "epochs": protocol.epochs, "best_acc": out["best_acc"], "last_acc": out["last_acc"],
+           "curve": out["curve"], "seconds": round(time.time() - start, 1), "fingerprint": shared["fp"]}
+    storage.write_json(storage.join(shared["folder"], "trials", f"{spec['key']}.json"), row)
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher for the soft protocol
+# ----------------------------------------------------------------------------------------------
+
+
+def _teacher_model(state: dict[str, Any], channels: int, num_classes: int, res: int) -> torch.nn.Module:
+    """Rebuild a teacher from its saved architecture name and weights."""
+    model = classifiers.create(state["arch"], in_channels=channels, num_classes=num_classes, image_size=res)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state["weights"].items()})
+    return model.eval()
+
+
+def teacher_state(cfg: Config, test: tuple[np.ndarray, np.ndarray], res: int) -> dict[str, Any]:
+    """Load ``evaluate.teacher`` or train one on the real train split (cached under <output>/teacher)."""
+    from safetensors.numpy import load as load_tensors
+    from safetensors.numpy import save as save_tensors
+
+    e = cfg.evaluate
+    folder = e.teacher or storage.join(cfg.output, "teacher", f"{e.teacher_arch.replace(':', '_')}-{res}px")
+    weights_uri = storage.join(folder, "model.safetensors")
+    if storage.exists(storage.join(folder, schema.MANIFEST)):
+        meta = storage.read_json(storage.join(folder, schema.MANIFEST))
+        return {"arch": meta["arch"], "weights": load_tensors(storage.read_bytes(weights_uri))}
+    if e.teacher:
+        raise DataError(f"evaluate.teacher: {folder} has no {schema.MANIFEST} (expected a teacher made by mmdist)")
+    import ray
+
+    log.info("evaluate: training a %s teacher on the real train split (%d epochs)", e.teacher_arch, e.teacher_epochs)
+    train = datasets.index_split(cfg.data, "train")
+    x, y = datasets.load_images(cfg.data, train.items, "train")
+    cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)) - 0.25)
+    task = ray.remote(_train_teacher).options(num_cpus=cpus, num_gpus=e.gpus_per_trial)
+    state, acc = ray.get(task.remote(e.teacher_arch, x, y, test[0], test[1], res, e.teacher_epochs, int(cpus)))
+    storage.write_bytes(weights_uri, save_tensors(state))
+    storage.write_json(storage.join(folder, schema.CONFIG), {"config": cfg.to_dict(), "git_sha": artifacts.git_sha()})
+    storage.write_json(storage.join(folder, schema.MANIFEST), {"kind": "teacher", "arch": e.teacher_arch,
+                                                               "test_acc": acc, "resolution": res})
+    log.info("evaluate: teacher test accuracy %.2f%%", acc)
+    return {"arch": e.teacher_arch, "weights": state}
+
+
+def _train_teacher(arch: str, x: np.ndarray, y: np.ndarray, tx: np.ndarray, ty: np.ndarray, res: int,
+                        epochs: int, threads: int) -> tuple[dict[str, np.ndarray], float]:
+    """Ray task body: train the teacher and return (weights, test accuracy)."""
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = classifiers.create(arch, in_channels=x.shape[1], num_classes=int(y.max()) + 1, image_size=res).to(device)
+    acc = protocols.train_teacher(model, protocols.to_float(torch.from_numpy(x), res).to(device),
+                                  torch.from_numpy(y).to(device), protocols.to_float(torch.from_numpy(tx), res).to(device),
+                                  torch.from_numpy(ty).to(device), epochs=epochs)
+    return {k: v.detach().cpu().contiguous().numpy() for k, v in model.state_dict().items()}, acc
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------------------
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    """Run the grid (skipping finished trials), then write the tables and the plot."""
+    from mmdist import ray_runtime
+
+    e = cfg.evaluate
+    for arch in e.archs:
+        try:
+            classifiers.check_arch(arch)
+        except KeyError as err:
+            raise ConfigError(f"evaluate.archs: {err.args[0]}") from None
+    if "distilled" in e.methods and not e.distilled:
+        raise ConfigError("evaluate.methods: 'distilled' needs evaluate.distilled (an ImageFolder)")
+    upstream = []
+    if {"minimax", "diffusion"} & set(e.methods):
+        upstream.append(artifacts.require(artifacts.stage_dir(cfg, "sample"), "sample"))
+    folder = artifacts.stage_dir(cfg, "evaluate")
+    fp = artifacts.fingerprint(cfg, "evaluate", upstream)
+    done = artifacts.existing(folder, "evaluate", fp, cfg, cfg.overwrite)
+    if done:
+        log.info("evaluate: %s is complete, skipping", folder)
+        return done
+    start = time.time()
+    test_index = datasets.index_split(cfg.data, "test")
+    classes = test_index.classes
+    res = e.resolution or cfg.data.image_size
+    specs = trial_specs(cfg)
+    finished = {}
+    for spec in specs:
+        uri = storage.join(folder, "trials", f"{spec['key']}.json")
+        if storage.exists(uri) and storage.read_json(uri).get("fingerprint") == fp:
+            finished[spec["key"]] = storage.read_json(uri)
+    todo = [s for s in specs if s["key"] not in finished]
+    log.info("evaluate: %d trials (%d to run), protocol %s, test set of %d images",
+             len(specs), len(todo), e.protocol, len(test_index.items))
+    if todo:
+        sets = build_sets(cfg, classes)
+        test = datasets.load_images(cfg.data, test_index.items, "test")
+        ray_runtime.init(cfg.ray)
+        _run_grid(cfg, todo, sets, test, classes, res, folder, fp)
+        for spec in todo:
+            finished[spec["key"]] = storage.read_json(storage.join(folder, "trials", f"{spec['key']}.json"))
+    rows = aggregate([finished[s["key"]] for s in specs])
+    table = markdown(rows)
+    write_tables(folder, rows, table)
+    wall = time.time() - start
+    return artifacts.publish(folder, "evaluate", fp, cfg, rows=rows, table_markdown=table,
+                             trials=[finished[s["key"]] for s in specs], wall_seconds=round(wall, 2),
+                             accelerator_seconds=round(wall * e.gpus_per_trial * len(todo), 2))
+
+
+def _run_grid(cfg: Config, todo: list[dict], sets: dict, test: tuple, classes: tuple[str, ...], res: int,
+              folder: str, fp: str) -> None:
+    """The Ray Tune grid over the unfinished trials (fractional resources, retries)."""
+    import ray
+    from ray import tune
+    from tqdm import tqdm
+
+    from mmdist import ray_runtime
+
+    e = cfg.evaluate
+    cpus = e.cpus_per_trial or max(0.5, min(1.0, ray_runtime.cluster_cpus() / max(len(todo), 1)))
+    teacher = teacher_state(cfg, test, res) if e.protocol == "soft" else None
+    shared = {"config": cfg.to_dict(), "sets": {k: ray.put(v) for k, v in sets.items()}, "test": ray.put(test),
+              "teacher": ray.put(teacher), "classes": list(classes), "resolution": res, "folder": folder,
+              "fp": fp, "threads": ray_runtime.torch_threads(cpus)}
+    storage_path = storage.join(folder, "tune")
+    if not storage.is_remote(storage_path):
+        storage_path = os.path.abspath(storage_path)
+
+    class _Progress(tune.Callback):
+        def __init__(self) -> None:
+            self.bar = tqdm(total=len(todo), desc="evaluate trials", unit="trial")
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.bar.update()
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared),
+                                    {"cpu": cpus, "gpu": e.gpus_per_trial})
+    tuner = tune.Tuner(
+        trainable, param_space={"trial": tune.grid_search(todo)},
+        tune_config=tune.TuneConfig(metric="best_acc", mode="max"),
+        run_config=tune.RunConfig(name=f"eval-{fp}", storage_path=storage_path, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=e.max_failures),
+                                  callbacks=[_Progress()]),
+    )
+    grid = tuner.fit()
+    errors = [r.error for r in grid if r.error is not None]
+    if errors:
+        raise errors[0]
+
+
+def aggregate(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ± std (over seeds) of best and last accuracy per (method, protocol, arch, ipc)."""
+    groups: dict[tuple, list[dict]] = {}
+    for t in trials:
+        groups.setdefault((t["method"], t["protocol"], t["arch"], t["ipc"]), []).append(t)
+    rows = []
+    for (method, proto, arch, ipc), ts in groups.items():
+        best = np.array([t["best_acc"] for t in ts])
+        last = np.array([t["last_acc"] for t in ts])
+        rows.append({"method": method, "protocol": proto, "arch": arch, "ipc": ipc, "mean": round(float(best.mean()), 2),
+                     "std": round(float(best.std()), 2), "last_mean": round(float(last.mean()), 2),
+                     "last_std": round(float(last.std()), 2), "n": len(ts)})
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The results table (best test accuracy over training, mean ± std over seeds)."""
+    lines = ["| method | protocol | arch | IPC | best acc % | last acc % | n |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ipc = "all" if r["method"] == "full" else r["ipc"]
+        lines.append(f"| {r['method']} | {r['protocol']} | {r['arch']} | {ipc} | {r['mean']:.2f} ± {r['std']:.2f} | "
+                     f"{r['last_mean']:.2f} ± {r['last_std']:.2f} | {r['n']} |")
+    return "\n".join(lines)
+
+
+def write_tables(folder: str, rows: list[dict[str, Any]], table: str) -> None:
+    """results.md, results.csv, results.json and accuracy.png."""
+    storage.write_bytes(storage.join(folder, "results.md"), (table + "\n").encode())
+    storage.write_json(storage.join(folder, "results.json"), rows)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_bytes(storage.join(folder, "results.csv"), buf.getvalue().encode())
+    storage.write_bytes(storage.join(folder, "accuracy.png"), plot(rows))
+
+
+def plot(rows: list[dict[str, Any]]) -> bytes:
+    """PNG: accuracy vs IPC, one panel per architecture, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    archs = sorted({r["arch"] for r in rows})
+    fig, axes = plt.subplots(1, len(archs), figsize=(4.5 * len(archs), 3.5), squeeze=False)
+    for ax, arch in zip(axes[0], archs):
+        for method in sorted({r["method"] for r in rows if r["arch"] == arch}):
+            pts = sorted((r["ipc"], r["mean"], r["std"]) for r in rows if r["arch"] == arch and r["method"] == method)
+            if method == "full":
+                ax.axhline(pts[0][1], ls="--", color="gray", label="full")
+                continue
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", label=method,
+                        capsize=3)
+        ax.set_title(arch)
+        ax.set_xlabel("images per class")
+        ax.set_ylabel("test accuracy (%)")
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def load_results(folder: str) -> list[dict[str, Any]]:
+    """The aggregated rows of a finished evaluation."""
+    return json.loads(storage.read_bytes(storage.join(folder, "results.json")))

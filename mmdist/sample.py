@@ -1,0 +1,284 @@
+"""Stage 4 — sample: IPC images per class, fanned out per class over a pool of Ray actors.
+
+Variants: ``minimax`` (the fine-tuned EMA model) and, with ``sample.baseline``, ``diffusion``
+(the un-fine-tuned backbone: the paper's "DiT" column). Each actor loads its DiT and decoder once
+and generates whole classes in batches. Image k of class c is a pure function of (seed, c, k),
+written to a path that depends only on (variant, class, k), so any number of actors gives the
+same files and a retried class overwrites the same files. A class is published by its marker
+(written after its PNGs, Parquet and grid); the variant's manifest is written after all classes.
+
+    samples/<variant>/images/<class>/<k:05d>.png   ImageFolder tree
+    samples/<variant>/parquet/<class>.parquet      the same images as PNG bytes
+    samples/<variant>/classes/<class>.json         per-class marker
+    samples/<variant>/grid.png                     a look at every class
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmdist import artifacts, schema, storage
+from mmdist.config import Config
+from mmdist.errors import ArtifactError, ConfigError
+from mmdist.seeding import derive_seed
+
+log = logging.getLogger("mmdist")
+
+
+class ClassSampler:
+    """Ray actor: holds one DiT and the decoder; ``sample_class`` writes one class."""
+
+    def __init__(self, config: dict[str, Any], model_dir: str, folder: str, latents: dict[str, Any],
+                 threads: int, fingerprint: str):
+        from mmdist.models import diffusion
+
+        self.cfg = Config.from_dict(config)
+        torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() and self.cfg.sample.num_gpus_per_actor > 0
+                                   else "cpu")
+        self.model = diffusion.load_dit(model_dir).eval().to(self.device)
+        self.decoder = diffusion.LatentEncoder(self.cfg.encode.encoder, self.cfg.encode.encoder_subfolder,
+                                               latents["scaling_factor"], self.device)
+        self.folder, self.latents, self.fingerprint = folder, latents, fingerprint
+
+    def sample_class(self, label: int) -> dict[str, Any]:
+        """Generate, write and publish all IPC images of one class; returns its marker."""
+        from mmdist.models.sampler import sample_latents
+
+        s = self.cfg.sample
+        start = time.time()
+        name = self.latents["classes"][label]
+        class_id = self.latents["model_class_ids"][label]
+        safe = storage.safe_name(name)
+        pngs: list[bytes] = []
+        for first in range(0, s.ipc, s.batch_size):
+            ks = range(first, min(first + s.batch_size, s.ipc))
+            gens = [torch.Generator().manual_seed(derive_seed(s.seed, "sample", label, k)) for k in ks]
+            z = sample_latents(self.model, class_ids=[class_id] * len(gens), generators=gens,
+                               latent_shape=tuple(self.latents["latent_shape"]), scheduler=s.scheduler,
+                               steps=s.steps, guidance_scale=s.guidance_scale,
+                               guidance_channels=s.guidance_channels, autocast=s.mixed_precision)
+            for k, img in zip(ks, self.decoder.decode(z).cpu().numpy()):
+                data = png_bytes(img)
+                storage.write_bytes(storage.join(self.folder, "images", safe, f"{k:05d}.png"), data)
+                pngs.append(data)
+        _write_class_parquet(storage.join(self.folder, "parquet", f"{safe}.parquet"), pngs, label, name)
+        storage.write_bytes(storage.join(self.folder, "grids", f"{safe}.png"),
+                            png_bytes(grid([decode_png(p) for p in pngs[:64]], cols=8)))
+        marker = {"class": name, "label": label, "folder": safe, "count": len(pngs),
+                  "fingerprint": self.fingerprint, "seconds": round(time.time() - start, 2)}
+        storage.write_json(storage.join(self.folder, "classes", f"{safe}.json"), marker)
+        return marker
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------
+
+
+def png_bytes(chw: np.ndarray) -> bytes:
+    """uint8 [C, H, W] -> PNG bytes (deterministic)."""
+    arr = chw.transpose(1, 2, 0)
+    image = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes -> uint8 [C, H, W]."""
+    arr = np.asarray(Image.open(io.BytesIO(data)))
+    return (arr[:, :, None] if arr.ndim == 2 else arr).transpose(2, 0, 1)
+
+
+def grid(images: list[np.ndarray], cols: int, pad: int = 2) -> np.ndarray:
+    """Tile uint8 [C, H, W] images into one [C, H', W'] image, row-major."""
+    c, h, w = images[0].shape
+    rows = (len(images) + cols - 1) // cols
+    out = np.full((c, rows * (h + pad) + pad, cols * (w + pad) + pad), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, k = divmod(i, cols)
+        out[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = img
+    return out
+
+
+def labelled_grid(rows: list[tuple[str, list[np.ndarray]]], scale: int = 3) -> Image.Image:
+    """One row per class with its name on the left: the picture shown at the end of a run."""
+    from PIL import ImageDraw
+
+    c, h, w = rows[0][1][0].shape
+    cols = max(len(imgs) for _, imgs in rows)
+    body = grid([img for _, imgs in rows for img in imgs + [np.full((c, h, w), 255, np.uint8)] * (cols - len(imgs))],
+                cols=cols)
+    arr = body.transpose(1, 2, 0)
+    image = Image.fromarray(arr[:, :, 0] if c == 1 else arr).convert("RGB")
+    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    label_w = 110
+    canvas = Image.new("RGB", (image.width + label_w, image.height), "white")
+    canvas.paste(image, (label_w, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, (name, _) in enumerate(rows):
+        draw.text((4, (2 + i * (h + 2)) * scale + h * scale // 2 - 5), name[:18], fill="black")
+    return canvas
+
+
+def _write_class_parquet(uri: str, pngs: list[bytes], label: int, name: str) -> None:
+    """The class's images as a Parquet table (PNG bytes, index, label, class name)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({schema.PNG: pa.array(pngs, pa.binary()), schema.INDEX: pa.array(range(len(pngs)), pa.int64()),
+                      schema.LABEL: pa.array([label] * len(pngs), pa.int64()),
+                      schema.CLASS_NAME: pa.array([name] * len(pngs), pa.string())})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------------------
+
+
+def variants(cfg: Config) -> dict[str, str]:
+    """Variant name -> model folder: the fine-tuned model and, optionally, the backbone."""
+    from mmdist.distributed import backbone_source, local_folder
+
+    finetuned = storage.join(artifacts.stage_dir(cfg, "finetune"), "model_ema" if cfg.sample.use_ema else "model")
+    out = {"minimax": local_folder(finetuned)}
+    if cfg.sample.baseline:
+        path, sub = backbone_source(cfg)
+        out["diffusion"] = _with_subfolder(path, sub)
+    return out
+
+
+def _with_subfolder(path: str, sub: str | None) -> str:
+    """A loadable folder for (hub id or folder, subfolder)."""
+    if not sub:
+        return path
+    import os
+
+    if os.path.isdir(os.path.join(path, sub)):
+        return os.path.join(path, sub)
+    from huggingface_hub import snapshot_download
+
+    return os.path.join(snapshot_download(path, allow_patterns=[f"{sub}/*"]), sub)
+
+
+def selected_labels(cfg: Config, latents: dict[str, Any]) -> list[int]:
+    """Labels of the classes to sample (``sample.classes`` by name, else all)."""
+    names = latents["classes"]
+    if cfg.sample.classes is None:
+        return list(range(len(names)))
+    unknown = [c for c in cfg.sample.classes if c not in names]
+    if unknown:
+        raise ConfigError(f"sample.classes: unknown class {unknown[0]!r}; the data set has {names[:10]}")
+    return [names.index(c) for c in cfg.sample.classes]
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    """Sample every variant; skip finished classes and finished variants."""
+    from mmdist.models import diffusion
+
+    latents = artifacts.require(artifacts.stage_dir(cfg, "encode"), "encode")
+    tuned = artifacts.require(artifacts.stage_dir(cfg, "finetune"), "finetune")
+    stage_folder = artifacts.stage_dir(cfg, "sample")
+    fp = artifacts.fingerprint(cfg, "sample", [latents, tuned])
+    done = artifacts.existing(stage_folder, "sample", fp, cfg, cfg.overwrite)
+    if done:
+        log.info("sample: %s is complete, skipping", stage_folder)
+        return done
+    labels = selected_labels(cfg, latents)
+    start = time.time()
+    gpu_seconds = 0.0
+    results = {}
+    for variant, model_dir in variants(cfg).items():
+        conf = diffusion.dit_config(model_dir)
+        needed = max(latents["model_class_ids"]) + 1
+        if conf["num_embeds_ada_norm"] < needed:
+            raise ArtifactError(f"{variant} model at {model_dir} has {conf['num_embeds_ada_norm']} classes; "
+                                f"the data set needs class ids up to {needed - 1}")
+        folder = storage.join(stage_folder, variant)
+        results[variant], seconds = _sample_variant(cfg, variant, model_dir, folder, latents, labels, fp)
+        gpu_seconds += seconds
+    wall = time.time() - start
+    return artifacts.publish(stage_folder, "sample", fp, cfg, variants=sorted(results),
+                             ipc=cfg.sample.ipc, classes=[latents["classes"][i] for i in labels],
+                             wall_seconds=round(wall, 2), accelerator_seconds=round(gpu_seconds, 2))
+
+
+def _sample_variant(cfg: Config, variant: str, model_dir: str, folder: str, latents: dict[str, Any],
+                    labels: list[int], fp: str) -> tuple[dict[str, Any], float]:
+    """Fan the unfinished classes of one variant out over actors; publish its manifest."""
+    import ray
+    from ray.util import ActorPool
+    from tqdm import tqdm
+
+    from mmdist import ray_runtime
+
+    vfp = f"{fp}-{variant}"
+    prior = storage.join(folder, schema.MANIFEST)
+    if storage.exists(prior) and storage.read_json(prior).get("fingerprint") == vfp:
+        return storage.read_json(prior), 0.0
+    markers = {}
+    for lab in labels:
+        uri = storage.join(folder, "classes", f"{storage.safe_name(latents['classes'][lab])}.json")
+        if storage.exists(uri):
+            m = storage.read_json(uri)
+            if m.get("fingerprint") == vfp and m.get("count") == cfg.sample.ipc:
+                markers[lab] = m
+    todo = [lab for lab in labels if lab not in markers]
+    start = time.time()
+    n_actors = 0
+    if todo:
+        ray_runtime.init(cfg.ray)
+        s = cfg.sample
+        if s.num_actors:
+            n_actors = s.num_actors
+        elif s.num_gpus_per_actor > 0:
+            n_actors = int(ray_runtime.cluster_gpus() / s.num_gpus_per_actor)
+        else:
+            n_actors = int(ray_runtime.cluster_cpus())
+        n_actors = max(1, min(n_actors, len(todo)))
+        cpus = ray_runtime.share(ray_runtime.cluster_cpus(), n_actors, reserve=0.25)
+        actor_cls = ray.remote(ClassSampler).options(
+            num_cpus=cpus, num_gpus=s.num_gpus_per_actor, max_restarts=3, max_task_retries=3)
+        actors = [actor_cls.remote(cfg.to_dict(), model_dir, folder, latents, ray_runtime.torch_threads(cpus), vfp)
+                  for _ in range(n_actors)]
+        pool = ActorPool(actors)
+        with tqdm(total=len(todo), desc=f"sample {variant}", unit="class") as bar:
+            for marker in pool.map_unordered(lambda a, lab: a.sample_class.remote(lab), todo):
+                markers[marker["label"]] = marker
+                bar.update()
+        for a in actors:
+            ray.kill(a)
+    seconds = (time.time() - start) * n_actors * cfg.sample.num_gpus_per_actor
+    rows = []
+    for lab in labels:
+        m = markers[lab]
+        imgs = [decode_png(storage.read_bytes(storage.join(folder, "images", m["folder"], f"{k:05d}.png")))
+                for k in range(min(cfg.sample.ipc, 10))]
+        rows.append((m["class"], imgs))
+    buf = io.BytesIO()
+    labelled_grid(rows).save(buf, format="PNG")
+    storage.write_bytes(storage.join(folder, "grid.png"), buf.getvalue())
+    manifest = {
+        "kind": "samples", "fingerprint": vfp, "variant": variant, "model": model_dir,
+        "ipc": cfg.sample.ipc, "seed": cfg.sample.seed, "scheduler": cfg.sample.scheduler,
+        "steps": cfg.sample.steps, "guidance_scale": cfg.sample.guidance_scale,
+        "guidance_channels": cfg.sample.guidance_channels,
+        "classes": [{k: markers[lab][k] for k in ("class", "label", "folder", "count")} for lab in labels],
+        "counts": {markers[lab]["class"]: markers[lab]["count"] for lab in labels},
+        "config": cfg.to_dict(), "git_sha": artifacts.git_sha(),
+        "accelerator_seconds": round(seconds, 2),
+    }
+    storage.write_json(storage.join(folder, schema.CONFIG), {"config": cfg.to_dict(), "git_sha": artifacts.git_sha()})
+    storage.write_json(prior, manifest)
+    return manifest, seconds
