@@ -188,6 +188,9 @@ class PretrainConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(0 <= self.class_dropout < 1, "pretrain.class_dropout", "must be in [0, 1)")
+        from mmdist.models.diffusion import DIT_SIZES
+
+        _check(self.model in DIT_SIZES, "pretrain.model", f"unknown DiT size {self.model!r}; choose from {sorted(DIT_SIZES)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -274,6 +277,13 @@ class EvaluateConfig:
         bad = [m for m in self.methods if m not in EVAL_METHODS]
         _check(not bad, "evaluate.methods", f"unknown {bad}; choose from {list(EVAL_METHODS)}")
         _check(len(self.archs) > 0, "evaluate.archs", "must not be empty")
+        from mmdist.models.classifiers import check_arch
+
+        for arch in self.archs:
+            try:
+                check_arch(arch)
+            except KeyError as e:
+                raise ConfigError(f"evaluate.archs: {e.args[0]}") from None
         _check(len(self.ipcs) > 0 and min(self.ipcs) > 0, "evaluate.ipcs", "must be positive")
         _check(len(self.seeds) > 0, "evaluate.seeds", "must not be empty")
         _check(self.epochs is None or self.epochs > 0, "evaluate.epochs", "must be positive")

@@ -7,6 +7,9 @@ and D_c the prediction memory (both FIFO, detached, updated after the loss):
     V_c =     max_{p in P_c, d in D_c} cos(p, d)      (diversity, pushes the closest pair apart)
     L_mm = 1/|C_B| * sum_{c in C_B, D_c non-empty} (lambda_rep R_c + lambda_div V_c)
 
+with C_B every class in the batch (classes whose prediction memory is still empty count in |C_B|
+but add no term, as in the paper's code).
+
 Data-parallel training: the min and max run over the *global* batch. Each rank reduces its own
 predictions, the ranks exchange these per-class extrema, and only the rank holding the global
 extremum keeps its gradient; the loss is scaled by world size so that DDP's gradient average
@@ -136,21 +139,22 @@ class MinimaxObjective:
         present = torch.bincount(all_labels, minlength=self.num_classes) > 0
         active = present & (self.pred.count > 0)  # a class counts once its prediction memory is non-empty
         n_active = int(active.sum())
+        n_present = int(present.sum())  # the paper divides by |C_B|, every class in the batch
         rep = div = torch.zeros((), device=p.device)
         grad_part = p.sum() * 0.0  # keeps the graph connected when no term is active
         value = torch.zeros((), device=p.device)
         if n_active:
-            scale = comm.world_size / n_active
+            scale = comm.world_size / n_present
             if self.lambda_rep > 0:
                 mine, best = self._global(self._extremum(p, labels, self.real, "amin"), active, comm, "amin")
                 grad_part = grad_part - self.lambda_rep * scale * mine.sum()
                 rep = (1 - best[active]).mean()
-                value = value + self.lambda_rep * rep
+                value = value + self.lambda_rep * (1 - best[active]).sum() / n_present
             if self.lambda_div > 0:
                 mine, best = self._global(self._extremum(p, labels, self.pred, "amax"), active, comm, "amax")
                 grad_part = grad_part + self.lambda_div * scale * mine.sum()
                 div = best[active].mean()
-                value = value + self.lambda_div * div
+                value = value + self.lambda_div * best[active].sum() / n_present
         # the value is the global objective on every rank; the gradient is this rank's share
         loss = value.detach() + grad_part - grad_part.detach()
         self.real.push(all_labels, comm.all_gather(r))

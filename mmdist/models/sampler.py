@@ -18,6 +18,14 @@ from torch import nn
 from mmdist.models import diffusion
 
 
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float, channels: int, guided: int) -> torch.Tensor:
+    """DiT's guidance: guided eps on the first ``guided`` of ``channels`` eps channels; the rest of
+    eps and the variance channels come from the conditional pass."""
+    eps = cond[:, :channels].clone()
+    eps[:, :guided] = uncond[:, :guided] + scale * (cond[:, :guided] - uncond[:, :guided])
+    return torch.cat([eps, cond[:, channels:]], dim=1)
+
+
 @torch.no_grad()
 def sample_latents(model: nn.Module, *, class_ids: list[int], generators: list[torch.Generator],
                    latent_shape: tuple[int, int, int], scheduler: str = "ddpm", steps: int = 50,
@@ -47,9 +55,7 @@ def sample_latents(model: nn.Module, *, class_ids: list[int], generators: list[t
         out = out.float()
         if guided:
             cond, uncond = out.chunk(2)
-            eps = cond[:, :c].clone()
-            eps[:, :g_ch] = uncond[:, :g_ch] + guidance_scale * (cond[:, :g_ch] - uncond[:, :g_ch])
-            out = torch.cat([eps, cond[:, c:]], dim=1)
+            out = guide(cond, uncond, guidance_scale, c, g_ch)
         if not diffusion.scheduler_uses_variance(scheduler):
             out = out[:, :c]
         x = sched.step(out, t, x, generator=generators).prev_sample
