@@ -109,3 +109,7 @@ def entry() -> None:
     """Console-script wrapper that exits with main()'s status."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -236,7 +236,7 @@ def to_mode(image: Image.Image, channels: int) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(image, dtype=np.uint32)
         shift = 8 if arr.max(initial=0) > 255 else 0
-        image = Image.fromarray((arr >> shift).clip(0, 255).astype(np.uint8), mode="L")
+        image = Image.fromarray((arr >> shift).clip(0, 255).astype(np.uint8))
     return image.convert("L" if channels == 1 else "RGB")
 
 
@@ -273,7 +273,7 @@ def load_item(cfg: DataConfig, item: Item, split: str = "train") -> np.ndarray:
     """Load one image as uint8 [H, W, C] at ``cfg.image_size``; DataError if it is bad."""
     if cfg.source == "fashion-mnist":
         images, _ = load_fashion_mnist(cfg.train, split, cfg.download)
-        image = Image.fromarray(images[item.row], mode="L")
+        image = Image.fromarray(images[item.row])
         if cfg.channels == 3:
             image = image.convert("RGB")
         if image.size != (cfg.image_size, cfg.image_size):

@@ -77,7 +77,7 @@ class ShardEncoder:
         for it in kept:
             counts[it.class_name] = counts.get(it.class_name, 0) + 1
         meta = {
-            "fingerprint": self.fp, "rows": len(kept), "counts": counts, "skipped": skipped,
+            "fingerprint": self.fp, "items": items_hash(items), "rows": len(kept), "counts": counts, "skipped": skipped,
             "nonfinite_rows": 0, "shape": shape,
             "sum": shards.encode_vector(mean.astype(np.float64).sum(0).ravel()),
         }
@@ -88,6 +88,13 @@ class ShardEncoder:
             class_names=[it.class_name for it in kept], source_ids=[it.source_id for it in kept], meta=meta,
         )
         return meta
+
+
+def items_hash(items: list[datasets.Item]) -> str:
+    """Identity of a shard's inputs: a finished shard is reused only for the same images."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(f"{it.source_id}|{it.label}" for it in items).encode()).hexdigest()[:16]
 
 
 def plan_shards(items: list[datasets.Item], rows: int) -> list[list[datasets.Item]]:
@@ -119,7 +126,7 @@ def main(cfg: Config) -> dict[str, Any]:
     metas: dict[int, dict] = {}
     for i, uri in enumerate(uris):
         meta = shards.read_shard_meta(uri)
-        if meta is not None and meta.get("fingerprint") == fp:
+        if meta is not None and meta.get("fingerprint") == fp and meta.get("items") == items_hash(plans[i]):
             metas[i] = meta
     todo = [i for i in range(len(plans)) if i not in metas]
     log.info("encode: %d images of %d classes -> %d shards (%d to do) in %s",

@@ -1,0 +1,5 @@
+"""`python -m mmdist` is the `mmdist` command."""
+
+from mmdist.cli import entry
+
+entry()
