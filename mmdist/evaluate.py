@@ -158,7 +158,8 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
                         protocol, seed=spec["seed"], teacher=teacher, report=tune.report)
     row = {**{k: spec[k] for k in ("method", "arch", "ipc", "seed")}, "protocol": protocol.name,
            "epochs": protocol.epochs, "best_acc": out["best_acc"], "last_acc": out["last_acc"],
-           "curve": out["curve"], "seconds": round(time.time() - start, 1), "fingerprint": shared["fp"]}
+           "curve": out["curve"], "started": start, "finished": time.time(),
+           "seconds": round(time.time() - start, 1), "fingerprint": shared["fp"]}
     storage.write_json(storage.join(shared["folder"], "trials", f"{spec['key']}.json"), row)
 
 
@@ -225,11 +226,6 @@ def main(cfg: Config) -> dict[str, Any]:
     from mmdist import ray_runtime
 
     e = cfg.evaluate
-    for arch in e.archs:
-        try:
-            classifiers.check_arch(arch)
-        except KeyError as err:
-            raise ConfigError(f"evaluate.archs: {err.args[0]}") from None
     if "distilled" in e.methods and not e.distilled:
         raise ConfigError("evaluate.methods: 'distilled' needs evaluate.distilled (an ImageFolder)")
     upstream = []
@@ -290,11 +286,17 @@ def _run_grid(cfg: Config, todo: list[dict], sets: dict, test: tuple, classes: t
         storage_path = os.path.abspath(storage_path)
 
     class _Progress(tune.Callback):
-        def __init__(self) -> None:
-            self.bar = tqdm(total=len(todo), desc="evaluate trials", unit="trial")
+        """A progress bar over finished trials (not pickled with Tune's experiment state)."""
+
+        bar = None
+
+        def __getstate__(self) -> dict:
+            return {}
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.bar.update()
+            if _Progress.bar is None:
+                _Progress.bar = tqdm(total=len(todo), desc="evaluate trials", unit="trial")
+            _Progress.bar.update()
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared),
                                     {"cpu": cpus, "gpu": e.gpus_per_trial})
@@ -306,6 +308,8 @@ def _run_grid(cfg: Config, todo: list[dict], sets: dict, test: tuple, classes: t
                                   callbacks=[_Progress()]),
     )
     grid = tuner.fit()
+    if _Progress.bar is not None:
+        _Progress.bar.close()
     errors = [r.error for r in grid if r.error is not None]
     if errors:
         raise errors[0]

@@ -33,6 +33,7 @@ class TrainState:
     objective: MinimaxObjective | None
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    resumed_at: list[int] = field(default_factory=list)  # steps at which a restart resumed
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def save_checkpoint(state: TrainState, folder: str, extra: dict[str, Any] | None
     os.makedirs(folder, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(folder, STATE_FILE))
     with open(os.path.join(folder, META_FILE), "w") as f:
-        json.dump({"step": state.step, "history": state.history, **(extra or {})}, f)
+        json.dump({"step": state.step, "history": state.history, "resumed_at": state.resumed_at, **(extra or {})}, f)
 
 
 def load_checkpoint(state: TrainState, folder: str) -> dict[str, Any]:
@@ -180,6 +181,7 @@ def load_checkpoint(state: TrainState, folder: str) -> dict[str, Any]:
         meta = json.load(f)
     state.step = int(meta["step"])
     state.history = list(meta.get("history", []))
+    state.resumed_at = list(meta.get("resumed_at", [])) + [state.step]
     return meta
 
 

@@ -1,0 +1,108 @@
+"""The whole pipeline on the smoke preset: real artifacts at every stage, and resume."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from mmdist import artifacts, run, schema, shards
+from mmdist.errors import ArtifactError
+from mmdist.models import diffusion
+
+
+def test_latent_shards_match_the_manifest(smoke_run):
+    cfg, results = smoke_run
+    m = results["encode"]
+    assert m["counts"] == {"T-shirt/top": 48, "Trouser": 48} and m["latent_shape"] == [1, 16, 16]
+    labels = []
+    for rel in m["shards"]:
+        data = shards.read_shard(os.path.join(cfg.output, "latents", rel))
+        assert data[schema.LATENT_MEAN].shape[1:] == (1, 16, 16)
+        labels += data[schema.LABEL].tolist()
+        assert set(data[schema.CLASS_NAME]) <= {"T-shirt/top", "Trouser"}
+    assert np.bincount(labels).tolist() == [48, 48]
+
+
+def test_models_are_diffusers_folders_that_load(smoke_run):
+    cfg, results = smoke_run
+    from diffusers import DDPMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    for stage in ("pretrain", "finetune"):
+        folder = os.path.join(cfg.output, stage)
+        model = DiTTransformer2DModel.from_pretrained(os.path.join(folder, "model_ema"))
+        assert model.config.num_embeds_ada_norm == 2 and model.config.in_channels == 1
+        assert results[stage]["steps"] == 2
+    tuned = diffusion.load_dit(os.path.join(cfg.output, "finetune", "model_ema"))
+    assert not any("difffit" in n for n, _ in tuned.named_parameters())
+    pipe = DiTPipeline(transformer=tuned, vae=None, scheduler=DDPMScheduler())
+    assert pipe.transformer is tuned
+    history = results["finetune"]["history"]
+    assert [h["step"] for h in history] == [1.0, 2.0]
+    assert "representativeness" in history[-1] and history[-1]["minimax_classes"] >= 1
+
+
+def test_ipc_images_per_class_with_the_right_labels(smoke_run):
+    cfg, results = smoke_run
+    for variant in ("minimax", "diffusion"):
+        folder = os.path.join(cfg.output, "samples", variant)
+        manifest = json.load(open(os.path.join(folder, schema.MANIFEST)))
+        assert manifest["counts"] == {"T-shirt/top": 2, "Trouser": 2}
+        for entry in manifest["classes"]:
+            pngs = sorted(os.listdir(os.path.join(folder, "images", entry["folder"])))
+            assert pngs == ["00000.png", "00001.png"]
+            table = pq.read_table(os.path.join(folder, "parquet", f"{entry['folder']}.parquet"))
+            assert set(table.column(schema.LABEL).to_pylist()) == {entry["label"]}
+            assert set(table.column(schema.CLASS_NAME).to_pylist()) == {entry["class"]}
+        assert os.path.getsize(os.path.join(folder, "grid.png")) > 100
+    names = os.listdir(os.path.join(cfg.output, "samples", "minimax", "images"))
+    assert any(n.startswith("T-shirt_top-") for n in names)  # 'T-shirt/top' cannot become a path
+
+
+def test_accuracy_table_has_finite_numbers_for_every_cell(smoke_run):
+    cfg, results = smoke_run
+    rows = results["evaluate"]["rows"]
+    cells = {(r["method"], r["ipc"]) for r in rows}
+    assert cells == {(m, k) for m in ("minimax", "diffusion", "random") for k in (1, 2)}
+    for r in rows:
+        assert r["protocol"] == "hard" and np.isfinite(r["mean"]) and 0 <= r["mean"] <= 100 and r["n"] == 1
+    folder = os.path.join(cfg.output, "eval")
+    for name in ("results.md", "results.csv", "results.json", "accuracy.png"):
+        assert os.path.getsize(os.path.join(folder, name)) > 0
+    assert "| minimax | hard | convnet | 1 |" in results["evaluate"]["table_markdown"]
+
+
+def test_every_artifact_carries_config_git_sha_and_cost(smoke_run):
+    cfg, results = smoke_run
+    for stage, manifest in results.items():
+        folder = artifacts.stage_dir(cfg, stage)
+        saved = json.load(open(os.path.join(folder, schema.CONFIG)))
+        assert saved["config"]["output"] == cfg.output and saved["git_sha"]
+        assert manifest["wall_seconds"] > 0 and "accelerator_seconds" in manifest
+
+
+def test_rerun_skips_every_finished_stage(smoke_run):
+    cfg, results = smoke_run
+    again = run.main(cfg)
+    for stage, manifest in results.items():
+        assert again[stage]["created"] == manifest["created"], stage
+
+
+def test_changed_config_is_refused_not_overwritten(smoke_run):
+    import dataclasses
+
+    cfg, _ = smoke_run
+    changed = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, guidance_scale=3.0))
+    with pytest.raises(ArtifactError, match="sample.guidance_scale"):
+        run.main(changed, stages=("sample",))
+
+
+def test_loaders_refuse_an_artifact_without_its_config(smoke_run, tmp_path):
+    cfg, _ = smoke_run
+    copy = tmp_path / "latents"
+    shutil.copytree(os.path.join(cfg.output, "latents"), copy)
+    os.remove(copy / schema.CONFIG)
+    with pytest.raises(ArtifactError, match="unknown origin"):
+        artifacts.require(str(copy), "encode")

@@ -1,0 +1,106 @@
+"""train_step, EMA and checkpoints (plain PyTorch, no Ray)."""
+
+import torch
+
+from mmdist import training
+from mmdist.models import diffusion
+from mmdist.models.minimax import MinimaxObjective
+
+
+def make_state(trainable="difffit", objective=True, seed=0):
+    torch.manual_seed(seed)
+    model = diffusion.create_dit("tiny", sample_size=16, in_channels=1, num_classes=3)
+    obj = MinimaxObjective(3, 256, memory_size=8, center=None) if objective else None
+    state = training.build_state(model, trainable=trainable, lr=1e-3, weight_decay=0.0, objective=obj)
+    ctx = training.StepContext(diffusion=diffusion.GaussianDiffusion(), class_ids=torch.tensor([0, 1, 2]),
+                               null_id=3, class_dropout=0.1, scaling_factor=1.0, hflip=True, ema_decay=0.9,
+                               autocast="no")
+    return state, ctx
+
+
+def batch(seed=0, n=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 16, 16, generator=g) * 2 - 1, None, torch.randint(0, 3, (n,), generator=g)
+
+
+def test_only_the_trainable_set_moves_and_ema_follows():
+    state, ctx = make_state()
+    frozen = {n: p.detach().clone() for n, p in state.model.named_parameters() if not p.requires_grad}
+    before = {n: p.detach().clone() for n, p in state.trainable.items()}
+    for i in range(3):
+        metrics = training.train_step(state, ctx, *batch(i))
+    assert state.step == 3 and metrics["step"] == 3.0
+    for n, p in state.model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    moved = [n for n, p in state.trainable.items() if not torch.equal(p, before[n])]
+    assert moved
+    for n in moved:  # the EMA lags the weights
+        assert not torch.equal(state.ema[n], state.trainable[n])
+    assert "representativeness" in metrics and metrics["minimax_classes"] >= 1
+
+
+def test_ema_update_is_the_exponential_average():
+    state, ctx = make_state(objective=False)
+    name, p = next(iter(state.trainable.items()))
+    ema0 = state.ema[name].clone()
+    with torch.no_grad():
+        p.add_(1.0)
+    training.ema_update(state, 0.9)
+    assert torch.allclose(state.ema[name], 0.9 * ema0 + 0.1 * p)
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch():
+    state, ctx = make_state(trainable="full", objective=False)
+    ctx = training.StepContext(**{**ctx.__dict__, "class_dropout": 0.0, "hflip": False})
+    torch.manual_seed(1)
+    first = sum(training.train_step(state, ctx, *batch(0))["mse"] for _ in range(5)) / 5
+    for _ in range(60):
+        training.train_step(state, ctx, *batch(0))
+    last = sum(training.train_step(state, ctx, *batch(0))["mse"] for _ in range(5)) / 5
+    assert last < 0.7 * first
+
+
+def test_checkpoint_round_trip_restores_everything(tmp_path):
+    state, ctx = make_state()
+    for i in range(4):
+        training.train_step(state, ctx, *batch(i))
+    training.save_checkpoint(state, str(tmp_path))
+    fresh, _ = make_state(seed=1)
+    training.load_checkpoint(fresh, str(tmp_path))
+    assert fresh.step == 4 and fresh.resumed_at == [4]
+    for n, p in state.trainable.items():
+        assert torch.equal(fresh.trainable[n], p) and torch.equal(fresh.ema[n], state.ema[n])
+        for k, v in state.optimizer.state[p].items():
+            assert torch.equal(fresh.optimizer.state[fresh.trainable[n]][k], v), (n, k)
+    assert torch.equal(fresh.objective.pred.buffer, state.objective.pred.buffer)
+    assert torch.equal(fresh.objective.real.count, state.objective.real.count)
+    # the next step is identical from the original and the restored state
+    torch.manual_seed(7)
+    a = training.train_step(state, ctx, *batch(9))
+    torch.manual_seed(7)
+    b = training.train_step(fresh, ctx, *batch(9))
+    assert abs(a["loss"] - b["loss"]) < 1e-6
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    state, _ = make_state()
+    training.save_checkpoint(state, str(tmp_path))
+    other, _ = make_state(trainable="full")
+    try:
+        training.load_checkpoint(other, str(tmp_path))
+    except ValueError as e:
+        assert "does not match the model" in str(e)
+    else:
+        raise AssertionError("a checkpoint of another trainable set was accepted")
+
+
+def test_nan_latents_are_refused_before_the_step():
+    state, ctx = make_state()
+    x, _, y = batch()
+    x[0, 0, 0, 0] = float("nan")
+    try:
+        training.train_step(state, ctx, x, None, y)
+    except ValueError as e:
+        assert "non-finite" in str(e)
+    assert state.step == 0
