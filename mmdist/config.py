@@ -229,6 +229,9 @@ class SampleConfig:
         None, "guide only the first N latent channels (DiT and the paper: 3 of 4); None guides all"
     )
     use_ema: bool = opt(True, "sample from the EMA weights (method.md §1.10)")
+    decoder: str | None = opt(
+        None, "VAE that decodes samples (paper: stabilityai/sd-vae-ft-mse); None uses encode.encoder"
+    )
     baseline: bool = opt(True, "also sample the un-fine-tuned backbone (the paper's 'DiT' column)")
     seed: int = opt(0, "image k of class c uses derive_seed(seed, 'sample', c, k)")
     num_actors: int = opt(0, "sampling actors; 0 sizes the pool from the cluster")
@@ -486,6 +489,7 @@ def absolute_paths(cfg: Config) -> Config:
         cfg, output=fix(cfg.output), latents=fix(cfg.latents),
         data=dataclasses.replace(cfg.data, train=fix(cfg.data.train), test=fix(cfg.data.test)),
         encode=dataclasses.replace(cfg.encode, encoder=fix(cfg.encode.encoder, must_exist=True)),
+        sample=dataclasses.replace(cfg.sample, decoder=fix(cfg.sample.decoder, must_exist=True)),
         finetune=dataclasses.replace(cfg.finetune, backbone=fix(cfg.finetune.backbone, must_exist=True)),
         evaluate=dataclasses.replace(cfg.evaluate, distilled=fix(cfg.evaluate.distilled),
                                      teacher=fix(cfg.evaluate.teacher)),

@@ -44,8 +44,9 @@ class ClassSampler:
         self.device = torch.device("cuda" if torch.cuda.is_available() and self.cfg.sample.num_gpus_per_actor > 0
                                    else "cpu")
         self.model = diffusion.load_dit(model_dir).eval().to(self.device)
-        self.decoder = diffusion.LatentEncoder(self.cfg.encode.encoder, self.cfg.encode.encoder_subfolder,
-                                               latents["scaling_factor"], self.device)
+        decoder = self.cfg.sample.decoder or self.cfg.encode.encoder
+        subfolder = None if self.cfg.sample.decoder else self.cfg.encode.encoder_subfolder
+        self.decoder = diffusion.LatentEncoder(decoder, subfolder, latents["scaling_factor"], self.device)
         self.folder, self.latents, self.fingerprint = folder, latents, fingerprint
 
     def sample_class(self, label: int) -> dict[str, Any]:
