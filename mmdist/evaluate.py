@@ -59,18 +59,25 @@ def _sampled_set(cfg: Config, variant: str, ipc: int, classes: tuple[str, ...]) 
 
 
 def _folder_set(cfg: Config, root: str, ipc: int, classes: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``ipc`` files per class (sorted names) of any distilled ImageFolder."""
+    """The first ``ipc`` files per class (sorted names) of any distilled ImageFolder.
+
+    A folder matches a class by its name or by ``storage.safe_name`` of it (class names such as
+    'T-shirt/top' cannot be folder names), so a samples/<variant>/images tree qualifies.
+    """
     data = replace(cfg.data, source="imagefolder", train=root, classes=None, model_class_ids=None,
                    max_per_class=None)
     index = datasets.index_split(data, "train")
-    _check_classes(root, list(index.classes), classes)
-    short = {c: n for c, n in index.counts().items() if n < ipc}
+    to_class = {storage.safe_name(c): c for c in classes} | {c: c for c in classes}
+    named = [to_class.get(folder, folder) for folder in index.classes]
+    _check_classes(root, named, classes)
+    by_class = {to_class.get(f, f): [i for i in index.items if i.class_name == f] for f in index.classes}
+    short = {c: len(items) for c, items in by_class.items() if len(items) < ipc}
     if short:
         raise ConfigError(f"evaluate.ipcs: IPC {ipc} is larger than the images available in {root} "
                           f"(e.g. {next(iter(short))!r} has {next(iter(short.values()))})")
-    items = [it for c in index.classes for it in [i for i in index.items if i.class_name == c][:ipc]]
+    items = [it for c in classes for it in by_class[c][:ipc]]
     x, _ = datasets.load_images(data, items)
-    return x, np.array([classes.index(it.class_name) for it in items], dtype=np.int64)
+    return x, np.array([classes.index(to_class.get(it.class_name, it.class_name)) for it in items], dtype=np.int64)
 
 
 def _random_set(cfg: Config, train: datasets.SplitIndex, ipc: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -46,8 +46,9 @@ def objective(manifest: dict[str, Any]) -> float:
 
 def shared_base(cfg: Config) -> Config:
     """Encode (and pretrain) once; trials read those artifacts and sample/evaluate only minimax."""
-    if cfg.latents is None:
-        run.main(cfg, stages=("encode", "pretrain"))
+    shared = tuple(s for s in run.planned_stages(cfg) if s in ("encode", "pretrain"))
+    if shared:
+        run.main(cfg, stages=shared)
     backbone = cfg.finetune.backbone
     if backbone == "pretrain":
         backbone = storage.join(artifacts.stage_dir(cfg, "pretrain"), "model_ema")

@@ -12,7 +12,8 @@ from mmdist.config import Config, apply_overrides
 from mmdist.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-JOBS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "jobs")) if f.endswith(".py") and f != "__init__.py")
+JOBS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "jobs"))
+              if f.endswith(".py") and f != "__init__.py")
 CLUSTER = os.path.join(ROOT, "cluster")
 CLUSTER_FILES = sorted(f for f in os.listdir(CLUSTER) if f.endswith((".yaml", ".yml")))
 LAUNCHERS = [f for f in CLUSTER_FILES if not f.startswith("kuberay")]
@@ -58,7 +59,8 @@ def test_paper_recipe(name):
     assert (d.classes, d.model_class_ids) == class_lists(name)
     assert (d.source, d.channels, d.image_size) == ("imagefolder", 3, 256)
     assert cfg.encode.encoder == "stabilityai/sd-vae-ft-ema" and cfg.encode.encoder_subfolder is None
-    assert (ft.backbone, ft.backbone_subfolder, ft.trainable) == ("facebook/DiT-XL-2-256", "transformer", "difffit")
+    assert (ft.backbone, ft.backbone_subfolder, ft.trainable) == (
+        "facebook/DiT-XL-2-256", "transformer", "difffit")
     assert (ft.global_batch_size, ft.lr, ft.weight_decay, ft.steps, ft.ema_decay, ft.class_dropout) == (
         8, 1e-3, 0.0, 12000, 0.9999, 0.1)
     assert (mm.lambda_rep, mm.lambda_div, mm.memory_size, mm.center) == (0.002, 0.008, 64, "none")
@@ -83,7 +85,8 @@ def test_imagenet1k_is_one_multi_node_run():
 def test_smoke_job_is_the_smoke_preset():
     from mmdist.presets import smoke
 
-    assert importlib.import_module("jobs.smoke").config() == smoke(dataclasses.replace(Config(), output="runs/smoke"))
+    expected = smoke(dataclasses.replace(Config(), output="runs/smoke"))
+    assert importlib.import_module("jobs.smoke").config() == expected
     assert importlib.import_module("jobs.fashion_mnist").config().data == Config().data
 
 
@@ -129,7 +132,8 @@ def test_sweep_space_and_objective():
     params = {k: (v.sample() if isinstance(v, tune.search.sample.Domain) else v) for k, v in SPACE.items()}
     params["finetune.minimax.memory_size"] = np.int64(32)
     trial = sweep.with_params(cfg, params)
-    assert trial.finetune.minimax.memory_size == 32 and trial.sample.guidance_scale == params["sample.guidance_scale"]
+    assert trial.finetune.minimax.memory_size == 32
+    assert trial.sample.guidance_scale == params["sample.guidance_scale"]
     with pytest.raises(ConfigError):
         sweep.with_params(cfg, {"finetune.minimax.lamda_rep": 0.1})
     with pytest.raises(ConfigError):
@@ -189,7 +193,8 @@ def _check_raycluster_spec(spec, name):
     assert len(names) == len(set(names)), f"{name}: duplicate worker groups"
     capacity = {}
     for g in groups:
-        assert 0 <= g["minReplicas"] <= g.get("replicas", g["minReplicas"]) <= g["maxReplicas"], g["groupName"]
+        replicas = g.get("replicas", g["minReplicas"])
+        assert 0 <= g["minReplicas"] <= replicas <= g["maxReplicas"], g["groupName"]
         assert "rayStartParams" in g and g["template"]["spec"]["containers"], g["groupName"]
         capacity[g["groupName"]] = _container_gpus(g["template"]) * g["maxReplicas"]
     return capacity

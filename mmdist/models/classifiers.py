@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 
-def instance_norm(channels: int) -> nn.Module:
+def instance_norm(channels: int, **factory: object) -> nn.Module:
     """Instance norm with affine parameters, as IDC implements it (GroupNorm, groups = channels)."""
-    return nn.GroupNorm(channels, channels, affine=True)
+    return nn.GroupNorm(channels, channels, affine=True, **factory)
 
 
 class ConvNet(nn.Module):
@@ -96,7 +96,7 @@ def _timm(name: str, in_channels: int, num_classes: int, image_size: int, norm: 
     if norm == "instance":
         kwargs["norm_layer"] = instance_norm
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
-    if image_size < 64 and hasattr(model, "conv1") and hasattr(model, "maxpool"):
+    if image_size < 64 and isinstance(getattr(model, "conv1", None), nn.Conv2d) and hasattr(model, "maxpool"):
         model.conv1 = nn.Conv2d(in_channels, model.conv1.out_channels, 3, padding=1, bias=False)
         model.maxpool = nn.Identity()
     return model

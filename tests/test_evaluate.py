@@ -1,0 +1,110 @@
+"""Evaluation: the protocols' pieces, the Tune grid, the soft-label teacher, and bad input."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import fmnist_available, smoke_config
+from helpers import image_folder
+
+from mmdist import evaluate, protocols
+from mmdist.errors import ConfigError, DataError
+from mmdist.models import classifiers
+
+needs_fmnist = pytest.mark.skipif(not fmnist_available(), reason="apt-get install dataset-fashion-mnist")
+
+
+def test_idc_epochs_by_ipc():
+    assert [protocols.hard_epochs(k, 10) for k in (1, 10, 20, 50, 70, 100)] == [2000, 2000, 1500, 1500, 1000, 1000]
+    assert [protocols.hard_epochs(k, 100) for k in (10, 50, 100)] == [1300, 1000, 600]
+
+
+def test_cutmix_label_weight_is_the_kept_area():
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(8, 1, 32, 32)
+    x[:4] = 1.0
+    for _ in range(20):
+        mixed, perm, lam = protocols.cutmix(x, g)
+        for i in range(8):
+            own = (mixed[i] == x[i]).float().mean().item()
+            if x[i].max() != x[perm[i]].max():
+                assert abs(own - lam) < 1e-6
+
+
+def test_augmentation_keeps_shape_and_range():
+    g = torch.Generator().manual_seed(0)
+    for c in (1, 3):
+        x = torch.rand(5, c, 28, 28)
+        out = protocols.augment_batch(x, g)
+        assert out.shape == x.shape and torch.isfinite(out).all()
+        assert not torch.allclose(out, protocols.normalize(x))
+
+
+@pytest.mark.parametrize("arch", ["tiny", "convnet", "resnet_ap10", "resnet18", "timm:resnet10t"])
+@pytest.mark.parametrize("size, channels", [(28, 1), (64, 3)])
+def test_registry_builds_every_network(arch, size, channels):
+    model = classifiers.create(arch, in_channels=channels, num_classes=7, image_size=size)
+    assert model(torch.rand(2, channels, size, size)).shape == (2, 7)
+
+
+def test_convnet_depth_follows_resolution():
+    assert [classifiers.convnet_depth(s) for s in (28, 32, 64, 224, 256)] == [3, 3, 4, 6, 6]
+
+
+def test_fit_learns_a_separable_problem():
+    torch.manual_seed(0)
+    x = torch.rand(40, 1, 16, 16) * 0.3
+    y = torch.arange(40) % 2
+    x[y == 1, :, :8] += 0.6  # class 1 is bright on top
+    proto = protocols.make_protocol("hard", ipc=20, num_classes=2, epochs=30, batch_size=20, lr=None, evals=3,
+                                    augment=False, temperature=20)
+    model = classifiers.create("tiny", in_channels=1, num_classes=2, image_size=16)
+    out = protocols.fit(model, x, y, x, y, proto, seed=0)
+    assert out["best_acc"] >= 90 and len(out["curve"]) == 3
+
+
+def _standalone(tmp_path, **evaluate_fields):
+    from mmdist.storage import safe_name
+
+    distilled = image_folder(str(tmp_path / "distilled"), {safe_name("T-shirt/top"): 3, "Trouser": 3},
+                             size=16, mode="L")
+    fields = {"methods": ["distilled", "random"], "distilled": distilled, "ipcs": [2], "seeds": [0],
+              "epochs": 3, "evals": 1, **evaluate_fields}
+    return smoke_config(str(tmp_path / "out"), evaluate=fields)
+
+
+@needs_fmnist
+def test_grid_runs_trials_concurrently_and_soft_protocol_uses_a_teacher(ray_cluster, tmp_path):
+    cfg = _standalone(tmp_path, protocol="soft", teacher_epochs=15)
+    m = evaluate.main(cfg)
+    rows = {r["method"]: r for r in m["rows"]}
+    assert set(rows) == {"distilled", "random"} and all(r["protocol"] == "soft" for r in rows.values())
+    a, b = m["trials"]
+    assert a["started"] < b["finished"] and b["started"] < a["finished"], "trials ran one after the other"
+    teacher = os.path.join(cfg.output, "teacher", "convnet-16px", "manifest.json")
+    assert os.path.exists(teacher)
+    import json
+
+    assert json.load(open(teacher))["test_acc"] > 75  # T-shirts vs trousers: an easy pair
+
+
+@needs_fmnist
+def test_distilled_folder_with_other_classes_is_refused(ray_cluster, tmp_path):
+    cfg = _standalone(tmp_path, methods=["distilled"])
+    os.rename(os.path.join(cfg.evaluate.distilled, "Trouser"), os.path.join(cfg.evaluate.distilled, "Sneaker"))
+    with pytest.raises(DataError, match="classes differ from the test set"):
+        evaluate.main(cfg)
+
+
+@needs_fmnist
+def test_ipc_larger_than_available_is_refused(ray_cluster, tmp_path):
+    cfg = _standalone(tmp_path, methods=["distilled"], ipcs=[5])
+    with pytest.raises(ConfigError, match="IPC 5 is larger"):
+        evaluate.main(cfg)
+
+
+def test_distilled_method_needs_a_folder(tmp_path):
+    cfg = smoke_config(str(tmp_path), evaluate={"methods": ["distilled"], "distilled": None})
+    with pytest.raises(ConfigError, match="evaluate.distilled"):
+        evaluate.main(cfg)
