@@ -34,7 +34,7 @@ EMBEDDED_BACKBONE = os.path.join(os.path.dirname(__file__), "assets", "dit-fashi
 
 
 class TorchCollective:
-    """all_gather over the DDP process group (gloo on CPU, NCCL on GPU)."""
+    """all_gather over the DDP process group (gloo on CPU, NCCL on GPU), timed for the benchmark."""
 
     def __init__(self) -> None:
         import torch.distributed as dist
@@ -42,12 +42,16 @@ class TorchCollective:
         self._dist = dist
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
+        self.seconds = 0.0  # wall time spent inside all_gather since the last read
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's tensor along dim 0 in rank order."""
+        start = time.perf_counter()
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         self._dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts)
+        out = torch.cat(parts)
+        self.seconds += time.perf_counter() - start
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,7 +180,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         for batch in batches:
             mean = batch[schema.LATENT_MEAN]
             std = batch.get(schema.LATENT_STD)
+            step_start = time.perf_counter()
             metrics = training.train_step(state, ctx, mean, std, batch[schema.LABEL], ddp_model, collective)
+            metrics["step_seconds"] = time.perf_counter() - step_start
+            metrics["allgather_seconds"] = getattr(collective, "seconds", 0.0)
+            if hasattr(collective, "seconds"):
+                collective.seconds = 0.0
             for k, v in metrics.items():
                 running.setdefault(k, []).append(v)
             if bar and state.step % bar_every == 0:
