@@ -14,6 +14,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 
 from mmdist.config import Config, absolute_paths, apply_overrides, describe, load_yaml, to_dict
@@ -53,8 +54,28 @@ def resolve(args: argparse.Namespace, base: Config | None = None) -> Config:
     return absolute_paths(apply_overrides(cfg, args.overrides))
 
 
+_REMOTE_ERROR = re.compile(r"mmdist\.errors\.(\w+Error): (.+)")
+
+
 def _root_cause(e: BaseException) -> MmdistError | None:
-    """The MmdistError behind an exception raised through Ray (task, actor or train errors)."""
+    """The MmdistError behind an exception raised through Ray (task, actor or train errors).
+
+    Ray keeps the original exception object for task and actor errors, but Ray Data and Ray
+    Train may hand back only its formatted text; then the error line is recovered from it.
+    """
+    found = _cause_object(e)
+    if found is not None:
+        return found
+    match = _REMOTE_ERROR.search(str(e))
+    if match:
+        from mmdist import errors
+
+        return getattr(errors, match.group(1), MmdistError)(match.group(2).strip())
+    return None
+
+
+def _cause_object(e: BaseException) -> MmdistError | None:
+    """Walk causes, Ray's `.cause` and Ray Train's per-worker failures for an MmdistError."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))

@@ -175,8 +175,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     running: dict[str, list[float]] = {}
     tick = time.time()
     while state.step < tcfg.steps:
+        epoch_seed = derive_seed(tcfg.seed, stage, rank, "epoch", state.step)
         batches = shard.iter_torch_batches(batch_size=local_batch, drop_last=True, device=device,
-                                           local_shuffle_buffer_size=max(local_batch * 8, 256))
+                                           local_shuffle_buffer_size=max(local_batch * 8, 256),
+                                           local_shuffle_seed=epoch_seed % 2**31)
         for batch in batches:
             mean = batch[schema.LATENT_MEAN]
             std = batch.get(schema.LATENT_STD)
@@ -253,8 +255,9 @@ def fit(cfg: Config, stage: str, fp: str) -> dict[str, Any]:
     paths = [storage.arrow_filesystem(u)[1] for u in shard_uris]
     # read tasks ask for a quarter CPU: at the default 1 CPU they starve behind the workers on a
     # small machine and training hangs silently (ray-notes)
-    dataset = ray.data.read_parquet(paths, filesystem=fs, columns=columns, shuffle="files",
-                                    num_cpus=0.25)
+    # seeded file shuffle + preserved order: the same config gives the same batches (determinism)
+    dataset = ray.data.read_parquet(paths, filesystem=fs, columns=columns, num_cpus=0.25,
+                                    shuffle=ray.data.FileShuffleConfig(seed=derive_seed(tcfg.seed, stage, "files")))
     storage_path = storage.join(folder, "ray")
     if not storage.is_remote(storage_path):
         storage_path = os.path.abspath(storage_path)
@@ -271,6 +274,7 @@ def fit(cfg: Config, stage: str, fp: str) -> dict[str, Any]:
             failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets={"train": dataset},
+        dataset_config=ray.train.DataConfig(execution_options=_ordered()),
     )
     result = trainer.fit()
     wall = time.time() - start
@@ -282,6 +286,15 @@ def fit(cfg: Config, stage: str, fp: str) -> dict[str, Any]:
             "wall_seconds": round(wall, 2), "accelerator_seconds": round(wall * workers * tcfg.use_gpu, 2),
             "num_workers": workers, "latents": latents_dir, "classes": latents["classes"],
             "model_class_ids": latents["model_class_ids"]}
+
+
+def _ordered() -> Any:
+    """Ray Data execution options that keep block order (reproducible batches)."""
+    from ray.data import ExecutionOptions
+
+    options = ExecutionOptions()
+    options.preserve_order = True
+    return options
 
 
 def _remote_backbone(cfg: Config) -> tuple[str, str | None]:
@@ -297,10 +310,26 @@ def _slim(latents: dict[str, Any]) -> dict[str, Any]:
     return {k: latents[k] for k in keys}
 
 
+def check_shards(latents_dir: str, latents: dict[str, Any]) -> None:
+    """Every listed shard exists, has the manifest's latent shape and no NaN/Inf rows (footers only)."""
+    from mmdist.shards import read_shard_meta
+
+    for rel in latents["shards"]:
+        meta = read_shard_meta(storage.join(latents_dir, rel))
+        if meta is None:
+            raise ArtifactError(f"{latents_dir}: shard {rel} listed in the manifest is missing or unreadable")
+        if list(meta.get("shape", [])) != list(latents["latent_shape"]):
+            raise ArtifactError(f"{latents_dir}: shard {rel} has latent shape {meta.get('shape')}, "
+                                f"the manifest says {latents['latent_shape']} (shards of mixed shapes)")
+        if meta.get("nonfinite_rows", 0):
+            raise ArtifactError(f"{latents_dir}: shard {rel} has {meta['nonfinite_rows']} rows with NaN/Inf latents")
+
+
 def check_against_model(cfg: Config, stage: str, latents: dict[str, Any]) -> None:
     """Refuse latents the model cannot train on, before any worker starts."""
     from mmdist.shards import check_latents
 
+    check_shards(artifacts.stage_dir(cfg, "encode"), latents)
     if stage == "pretrain":
         check_latents(latents)
         size = diffusion.DIT_SIZES.get(cfg.pretrain.model)

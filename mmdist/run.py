@@ -34,6 +34,7 @@ def main(cfg: Config, stages: tuple[str, ...] | None = None) -> dict[str, Any]:
     summary = []
     for stage in todo:
         start = time.time()
+        log.info("stage %s: start", stage)
         module = importlib.import_module(f"mmdist.{stage}")
         results[stage] = module.main(cfg)
         manifest = results[stage]

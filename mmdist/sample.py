@@ -206,6 +206,10 @@ def main(cfg: Config) -> dict[str, Any]:
         if conf["num_embeds_ada_norm"] < needed:
             raise ArtifactError(f"{variant} model at {model_dir} has {conf['num_embeds_ada_norm']} classes; "
                                 f"the data set needs class ids up to {needed - 1}")
+        shape = [conf["in_channels"], conf["sample_size"], conf["sample_size"]]
+        if shape != list(latents["latent_shape"]):
+            raise ArtifactError(f"{variant} model at {model_dir} takes latents {shape}, the data set's are "
+                                f"{latents['latent_shape']} (a model of another size or data set)")
         folder = storage.join(stage_folder, variant)
         results[variant], seconds = _sample_variant(cfg, variant, model_dir, folder, latents, labels, fp)
         gpu_seconds += seconds

@@ -14,9 +14,10 @@ import json
 import os
 import posixpath
 import re
+import time
 import unicodedata
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import fsspec
@@ -65,6 +66,25 @@ def _short(e: BaseException) -> str:
     return text[:200]
 
 
+_TRANSIENT = ("cannot reach object storage",)
+
+
+def _retrying(uri: str, fn: Callable[[], Any], attempts: int = 5) -> Any:
+    """Run a storage call, retrying connection failures with backoff (0.5, 1, 2, 4 s).
+
+    Rides through a short object-store outage; a longer one ends in the ArtifactError.
+    """
+    for attempt in range(attempts):
+        try:
+            with _storage_errors(uri):
+                return fn()
+        except ArtifactError as e:
+            if attempt == attempts - 1 or not any(t in str(e) for t in _TRANSIENT):
+                raise
+            time.sleep(0.5 * 2 ** attempt)
+    return None
+
+
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``uri`` and the path inside it."""
     with _storage_errors(uri):
@@ -81,17 +101,16 @@ def exists(uri: str) -> bool:
 def read_bytes(uri: str) -> bytes:
     """Read a whole file."""
     fs, path = filesystem(uri)
-    with _storage_errors(uri):
-        return fs.cat_file(path)
+    return _retrying(uri, lambda: fs.cat_file(path))
 
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole file atomically (readers see the old file or the new one, never a part)."""
     fs, path = filesystem(uri)
+    if is_remote(uri):
+        _retrying(uri, lambda: fs.pipe_file(path, data))
+        return
     with _storage_errors(uri):
-        if is_remote(uri):
-            fs.pipe_file(path, data)
-            return
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         try:
