@@ -32,6 +32,7 @@ if ROOT not in sys.path:  # `python benchmarks/x.py` from anywhere finds mmdist 
     sys.path.insert(0, ROOT)
 
 log = logging.getLogger("bench")
+_RAY_TEMP: str | None = None  # the private Ray cluster's session folder (logs), removed by cleanup
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,11 +62,13 @@ def scratch(name: str) -> str:
 
 
 def cleanup(folder: str, keep: bool) -> None:
-    """Remove the scratch folder unless asked to keep it."""
-    if keep:
-        log.info("kept scratch folder %s", folder)
-    else:
-        shutil.rmtree(folder, ignore_errors=True)
+    """Remove the scratch folder and Ray's session folder unless asked to keep them."""
+    folders = [folder] + ([_RAY_TEMP] if _RAY_TEMP else [])
+    for f in folders:
+        if keep:
+            log.info("kept %s", f)
+        else:
+            shutil.rmtree(f, ignore_errors=True)
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
@@ -207,8 +210,9 @@ def start_ray(num_cpus: int = 2) -> float:
     """
     import ray
 
+    global _RAY_TEMP
     start = time.perf_counter()
-    temp = tempfile.mkdtemp(prefix="mmb-ray-", dir="/tmp")  # short: Unix socket paths are capped
+    temp = _RAY_TEMP = tempfile.mkdtemp(prefix="mmb-ray-", dir="/tmp")  # short: socket paths are capped
     for attempt in range(3):
         try:
             ray.init(address="local", num_cpus=num_cpus, num_gpus=0, include_dashboard=False,
