@@ -154,6 +154,7 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
     protocol = protocols.make_protocol(e.protocol, ipc=spec["ipc"] or 10_000, num_classes=num_classes,
                                        epochs=e.epochs, batch_size=e.batch_size, lr=e.lr, evals=e.evals,
                                        augment=e.augment, temperature=e.temperature)
+    torch.manual_seed(spec["seed"])  # the network's initialisation depends on the trial seed alone
     model = classifiers.create(spec["arch"], in_channels=x.shape[1], num_classes=num_classes,
                                image_size=res).to(device)
     teacher = None
