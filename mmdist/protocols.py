@@ -198,7 +198,8 @@ def fit(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
     else:
         opt = torch.optim.SGD(model.parameters(), lr=protocol.lr, momentum=0.9, weight_decay=5e-4)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, [total * 2 // 3, total * 5 // 6], gamma=0.2)
-    eval_every = max(1, protocol.epochs // protocol.evals)
+    # exactly `evals` test passes, the last at the end (a test pass costs as much as many steps)
+    eval_at = {round(k * protocol.epochs / protocol.evals) for k in range(1, protocol.evals + 1)}
     best, last, curve = 0.0, 0.0, []
     model.train()
     for epoch in range(1, protocol.epochs + 1):
@@ -226,7 +227,7 @@ def fit(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
             sched.step()
         if progress:
             progress(epoch)
-        if epoch % eval_every == 0 or epoch == protocol.epochs:
+        if epoch in eval_at:
             last = accuracy(model, test_x, test_y)
             best = max(best, last)
             curve.append((epoch, last))
