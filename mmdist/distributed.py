@@ -108,7 +108,7 @@ def build_objective(cfg: Config, stage: str, latents: dict[str, Any], stats: dic
     mm = cfg.finetune.minimax
     if stage != "finetune" or not mm.enabled:
         return None
-    center = torch.from_numpy(stats["latent_mean"]) if mm.center == "dataset_mean" else None
+    center = torch.from_numpy(stats["latent_mean"].copy()) if mm.center == "dataset_mean" else None
     return MinimaxObjective(
         len(latents["classes"]), int(np.prod(latents["latent_shape"])), memory_size=mm.memory_size,
         lambda_rep=mm.lambda_rep, lambda_div=mm.lambda_div, use_rep=mm.representativeness,

@@ -198,11 +198,13 @@ def teacher_state(cfg: Config, test: tuple[np.ndarray, np.ndarray], res: int) ->
         raise DataError(f"evaluate.teacher: {folder} has no {schema.MANIFEST} (expected a teacher made by mmdist)")
     import ray
 
+    from mmdist import ray_runtime
+
     log.info("evaluate: training a %s teacher on the real train split (%d epochs)", e.teacher_arch, e.teacher_epochs)
     train = datasets.index_split(cfg.data, "train")
     x, y = datasets.load_images(cfg.data, train.items, "train")
-    cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)) - 0.25)
-    task = ray.remote(_train_teacher).options(num_cpus=cpus, num_gpus=e.gpus_per_trial)
+    cpus = max(1.0, ray_runtime.node_cpus() - 0.25)  # one task: it must fit on one node
+    task = ray.remote(_train_teacher).options(num_cpus=cpus, num_gpus=e.gpus_per_trial, scheduling_strategy="DEFAULT")
     state, acc = ray.get(task.remote(e.teacher_arch, x, y, test[0], test[1], res, e.teacher_epochs, int(cpus)))
     storage.write_bytes(weights_uri, save_tensors(state))
     storage.write_json(storage.join(folder, schema.CONFIG), {"config": cfg.to_dict(), "git_sha": artifacts.git_sha()})

@@ -20,24 +20,31 @@ log = logging.getLogger("mmdist")
 
 def init(cfg: RayConfig) -> None:
     """Join the cluster at cfg.address / RAY_ADDRESS, or start a local one (idempotent)."""
+    from ray.data import DataContext
+
+    # Ray Data's progress bars fight with ours; its execution banner drowns a laptop's log
+    DataContext.get_current().enable_progress_bars = False
+    DataContext.get_current().print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    # Ray's own progress bars fight with ours and its INFO lines drown the log on a laptop
+    # Ray's INFO lines drown the log on a laptop
     ctx_kwargs = dict(log_to_driver=True, logging_level=logging.WARNING)
     if address:
         ray.init(address=address, **ctx_kwargs)
     else:
         ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, **ctx_kwargs)
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
-    DataContext.get_current().print_on_execution_start = False
 
 
 def cluster_cpus() -> float:
     """Total CPUs of the cluster."""
     return float(ray.cluster_resources().get("CPU", 1))
+
+
+def node_cpus() -> float:
+    """CPUs of the largest live node: the most one task can be given."""
+    return max((float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1.0)
 
 
 def cluster_gpus() -> float:

@@ -253,8 +253,10 @@ def _sample_variant(cfg: Config, variant: str, model_dir: str, folder: str, late
             n_actors = int(ray_runtime.cluster_cpus())
         n_actors = max(1, min(n_actors, len(todo)))
         cpus = ray_runtime.share(ray_runtime.cluster_cpus(), n_actors, reserve=0.25)
+        # "DEFAULT" keeps the actors out of an enclosing placement group (a Tune trial of jobs.sweep)
         actor_cls = ray.remote(ClassSampler).options(
-            num_cpus=cpus, num_gpus=s.num_gpus_per_actor, max_restarts=3, max_task_retries=3)
+            num_cpus=cpus, num_gpus=s.num_gpus_per_actor, max_restarts=3, max_task_retries=3,
+            scheduling_strategy="DEFAULT")
         actors = [actor_cls.remote(cfg.to_dict(), model_dir, folder, latents, ray_runtime.torch_threads(cpus), vfp)
                   for _ in range(n_actors)]
         pool = ActorPool(actors)
