@@ -1,0 +1,1 @@
+"""mmdist: dataset distillation with minimax-fine-tuned diffusion models, on Ray."""

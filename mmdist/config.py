@@ -190,7 +190,8 @@ class PretrainConfig(TrainConfig):
         _check(0 <= self.class_dropout < 1, "pretrain.class_dropout", "must be in [0, 1)")
         from mmdist.models.diffusion import DIT_SIZES
 
-        _check(self.model in DIT_SIZES, "pretrain.model", f"unknown DiT size {self.model!r}; choose from {sorted(DIT_SIZES)}")
+        _check(self.model in DIT_SIZES, "pretrain.model",
+               f"unknown DiT size {self.model!r}; choose from {sorted(DIT_SIZES)}")
 
 
 @dataclass(frozen=True, kw_only=True)

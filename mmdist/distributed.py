@@ -282,7 +282,8 @@ def fit(cfg: Config, stage: str, fp: str) -> dict[str, Any]:
         raise ArtifactError(f"{stage}: training ended without a checkpoint ({result.error})")
     with result.checkpoint.as_directory() as ckpt:
         meta = export(cfg, stage, latents, ckpt, folder)
-    return {"steps": meta["step"], "history": meta["history"], "resumed_at": meta.get("resumed_at", []), "final": meta["history"][-1] if meta["history"] else {},
+    return {"steps": meta["step"], "history": meta["history"], "resumed_at": meta.get("resumed_at", []),
+            "final": meta["history"][-1] if meta["history"] else {},
             "wall_seconds": round(wall, 2), "accelerator_seconds": round(wall * workers * tcfg.use_gpu, 2),
             "num_workers": workers, "latents": latents_dir, "classes": latents["classes"],
             "model_class_ids": latents["model_class_ids"]}

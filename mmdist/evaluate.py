@@ -220,9 +220,11 @@ def _train_teacher(arch: str, x: np.ndarray, y: np.ndarray, tx: np.ndarray, ty: 
     torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = classifiers.create(arch, in_channels=x.shape[1], num_classes=int(y.max()) + 1, image_size=res).to(device)
-    acc = protocols.train_teacher(model, protocols.to_float(torch.from_numpy(x), res).to(device),
-                                  torch.from_numpy(y).to(device), protocols.to_float(torch.from_numpy(tx), res).to(device),
-                                  torch.from_numpy(ty).to(device), epochs=epochs)
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(device)
+
+    acc = protocols.train_teacher(model, protocols.to_float(tensor(x), res), tensor(y),
+                                  protocols.to_float(tensor(tx), res), tensor(ty), epochs=epochs)
     return {k: v.detach().cpu().contiguous().numpy() for k, v in model.state_dict().items()}, acc
 
 
@@ -334,8 +336,9 @@ def aggregate(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (method, proto, arch, ipc), ts in groups.items():
         best = np.array([t["best_acc"] for t in ts])
         last = np.array([t["last_acc"] for t in ts])
-        rows.append({"method": method, "protocol": proto, "arch": arch, "ipc": ipc, "mean": round(float(best.mean()), 2),
-                     "std": round(float(best.std()), 2), "last_mean": round(float(last.mean()), 2),
+        rows.append({"method": method, "protocol": proto, "arch": arch, "ipc": ipc,
+                     "mean": round(float(best.mean()), 2), "std": round(float(best.std()), 2),
+                     "last_mean": round(float(last.mean()), 2),
                      "last_std": round(float(last.std()), 2), "n": len(ts)})
     return rows
 

@@ -119,7 +119,8 @@ def color_jitter_lighting(x: torch.Tensor, g: torch.Generator, strength: float =
     gray = lambda t: (0.299 * t[:, 0] + 0.587 * t[:, 1] + 0.114 * t[:, 2]).unsqueeze(1)  # noqa: E731
     ops = {
         "brightness": lambda t, f: t * f,
-        "contrast": lambda t, f: (t - gray(t).mean(dim=(2, 3), keepdim=True)) * f + gray(t).mean(dim=(2, 3), keepdim=True),
+        "contrast": lambda t, f: (t - gray(t).mean(dim=(2, 3), keepdim=True)) * f
+        + gray(t).mean(dim=(2, 3), keepdim=True),
         "saturation": lambda t, f: (t - gray(t)) * f + gray(t),
     }
     for i in torch.randperm(3, generator=g).tolist():

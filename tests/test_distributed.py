@@ -8,7 +8,6 @@ import time
 
 import pytest
 import torch
-from conftest import smoke_config
 from safetensors.torch import load_file
 
 

@@ -1,0 +1,1 @@
+"""Plain-PyTorch models and losses (no Ray): the DiT, the minimax objective, the sampler, test networks."""
