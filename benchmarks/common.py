@@ -40,13 +40,18 @@ _RAY_TEMP: str | None = None  # the private Ray cluster's session folder (logs),
 # ----------------------------------------------------------------------------------------------
 
 
-def parse_args(doc: str, name: str) -> argparse.Namespace:
-    """``--quick`` (a 1-2 minute sanity run), ``--out`` and ``--keep`` (keep the scratch folder)."""
+def parse_args(doc: str, name: str, root: bool = False) -> argparse.Namespace:
+    """``--quick`` (a 1-2 minute sanity run), ``--out`` and ``--keep`` (keep the scratch folder).
+
+    ``root``: also ``--root``, a persistent folder for a benchmark whose stages resume.
+    """
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="small sizes for a sanity check; writes <name>.quick.json, never <name>.json")
     p.add_argument("--out", default=None, help=f"result JSON (default benchmarks/results/{name}.json)")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder (images, shards, models)")
+    if root:
+        p.add_argument("--root", default=None, help="folder of the benchmark's artifacts (kept, resumable)")
     args = p.parse_args()
     if args.out is None:
         args.out = os.path.join(RESULTS, f"{name}.quick.json" if args.quick else f"{name}.json")

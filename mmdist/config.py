@@ -177,7 +177,7 @@ class PretrainConfig(TrainConfig):
     model: str = opt("fashion-mnist", "DiT size from mmdist.models.diffusion.DIT_SIZES (has 'tiny')")
     learn_sigma: bool = opt(True, "predict the variance too (8 output channels on DiT-XL/2)")
     class_dropout: float = opt(0.1, "label dropout for classifier-free guidance (DiT: 0.1)")
-    steps: int = opt(6000, "optimiser steps")
+    steps: int = opt(5000, "optimiser steps (the shipped backbone: 5000)")
     global_batch_size: int = opt(128, "images per step")
     lr: float = opt(1e-3, "AdamW learning rate")
     ema_decay: float = opt(0.999, "EMA decay; the shipped weights are the EMA")

@@ -319,8 +319,8 @@ def check_shards(latents_dir: str, latents: dict[str, Any]) -> None:
         meta = read_shard_meta(storage.join(latents_dir, rel))
         if meta is None:
             raise ArtifactError(f"{latents_dir}: shard {rel} listed in the manifest is missing or unreadable")
-        if list(meta.get("shape", [])) != list(latents["latent_shape"]):
-            raise ArtifactError(f"{latents_dir}: shard {rel} has latent shape {meta.get('shape')}, "
+        if meta["tensor_shape"] != list(latents["latent_shape"]):
+            raise ArtifactError(f"{latents_dir}: shard {rel} has latent shape {meta['tensor_shape']}, "
                                 f"the manifest says {latents['latent_shape']} (shards of mixed shapes)")
         if meta.get("nonfinite_rows", 0):
             raise ArtifactError(f"{latents_dir}: shard {rel} has {meta['nonfinite_rows']} rows with NaN/Inf latents")

@@ -65,6 +65,9 @@ class ShardEncoder:
         shape = list(self.encoder.latent_shape(cfg.data.channels, cfg.data.image_size))
         mean = np.concatenate(means) if means else np.zeros([0, *shape], np.float32)
         std = None if self.encoder.deterministic else (np.concatenate(stds) if stds else np.zeros_like(mean))
+        # cast before the check: a float16 shard overflows to Inf beyond 65504
+        dtype = np.float16 if cfg.encode.dtype == "float16" else np.float32
+        mean, std = mean.astype(dtype), (None if std is None else std.astype(dtype))
         finite = np.isfinite(mean.reshape(len(mean), -1)).all(1)
         if std is not None:
             finite &= np.isfinite(std.reshape(len(std), -1)).all(1)
@@ -72,7 +75,6 @@ class ShardEncoder:
             skipped.append({"source_id": it.source_id, "class": it.class_name, "reason": "non-finite latent"})
         kept = [k for k, ok in zip(kept, finite) if ok]
         mean, std = mean[finite], (None if std is None else std[finite])
-        dtype = np.float16 if cfg.encode.dtype == "float16" else np.float32
         counts: dict[str, int] = {}
         for it in kept:
             counts[it.class_name] = counts.get(it.class_name, 0) + 1
@@ -83,7 +85,7 @@ class ShardEncoder:
         }
         shards.write_shard(
             storage.join(self.folder, "shards", shards.shard_name(index)),
-            mean=mean.astype(dtype), std=None if std is None else std.astype(dtype),
+            mean=mean, std=std,
             labels=np.array([it.label for it in kept], dtype=np.int64),
             class_names=[it.class_name for it in kept], source_ids=[it.source_id for it in kept], meta=meta,
         )

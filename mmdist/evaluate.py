@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import replace
@@ -189,7 +190,8 @@ def teacher_state(cfg: Config, test: tuple[np.ndarray, np.ndarray], res: int) ->
     from safetensors.numpy import save as save_tensors
 
     e = cfg.evaluate
-    folder = e.teacher or storage.join(cfg.output, "teacher", f"{e.teacher_arch.replace(':', '_')}-{res}px")
+    folder = e.teacher or storage.join(cfg.output, "teacher",
+                                       f"{e.teacher_arch.replace(':', '_')}-{res}px-{e.teacher_epochs}ep")
     weights_uri = storage.join(folder, "model.safetensors")
     if storage.exists(storage.join(folder, schema.MANIFEST)):
         meta = storage.read_json(storage.join(folder, schema.MANIFEST))
@@ -205,7 +207,8 @@ def teacher_state(cfg: Config, test: tuple[np.ndarray, np.ndarray], res: int) ->
     x, y = datasets.load_images(cfg.data, train.items, "train")
     cpus = max(1.0, ray_runtime.node_cpus() - 0.25)  # one task: it must fit on one node
     task = ray.remote(_train_teacher).options(num_cpus=cpus, num_gpus=e.gpus_per_trial, scheduling_strategy="DEFAULT")
-    state, acc = ray.get(task.remote(e.teacher_arch, x, y, test[0], test[1], res, e.teacher_epochs, int(cpus)))
+    threads = math.ceil(cpus)  # the only task running: all of the node's cores
+    state, acc = ray.get(task.remote(e.teacher_arch, x, y, test[0], test[1], res, e.teacher_epochs, threads))
     storage.write_bytes(weights_uri, save_tensors(state))
     storage.write_json(storage.join(folder, schema.CONFIG), {"config": cfg.to_dict(), "git_sha": artifacts.git_sha()})
     storage.write_json(storage.join(folder, schema.MANIFEST), {"kind": "teacher", "arch": e.teacher_arch,
@@ -306,8 +309,6 @@ def _run_grid(cfg: Config, todo: list[dict], sets: dict, test: tuple, classes: t
             return {}
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            if _Progress.bar is None:
-                _Progress.bar = tqdm(total=len(todo), desc="evaluate trials", unit="trial")
             _Progress.bar.update()
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared),
@@ -319,9 +320,9 @@ def _run_grid(cfg: Config, todo: list[dict], sets: dict, test: tuple, classes: t
                                   failure_config=tune.FailureConfig(max_failures=e.max_failures),
                                   callbacks=[_Progress()]),
     )
+    _Progress.bar = tqdm(total=len(todo), desc="evaluate trials", unit="trial")
     grid = tuner.fit()
-    if _Progress.bar is not None:
-        _Progress.bar.close()
+    _Progress.bar.close()
     errors = [r.error for r in grid if r.error is not None]
     if errors:
         raise errors[0]

@@ -61,14 +61,21 @@ def write_shard(uri: str, *, mean: np.ndarray, std: np.ndarray | None, labels: n
 
 
 def read_shard_meta(uri: str) -> dict[str, Any] | None:
-    """The metadata of a finished shard, or None if it is missing or unreadable."""
+    """The metadata of a finished shard, or None if it is missing or unreadable.
+
+    ``tensor_shape`` is the latent shape the Parquet schema itself declares (footer only), so a
+    shard from another encode cannot pass on its metadata alone.
+    """
     fs, path = storage.filesystem(uri)
     try:
         with fs.open(path, "rb") as f:
-            md = pq.read_schema(f).metadata or {}
-        return json.loads(md[_META_KEY])
+            file_schema = pq.read_schema(f)
+        meta = json.loads((file_schema.metadata or {})[_META_KEY])
     except (FileNotFoundError, KeyError, OSError, pa.ArrowInvalid, json.JSONDecodeError):
         return None
+    column = file_schema.field(schema.LATENT_MEAN).type if schema.LATENT_MEAN in file_schema.names else None
+    meta["tensor_shape"] = list(column.shape) if isinstance(column, pa.FixedShapeTensorType) else None
+    return meta
 
 
 def read_shard(uri: str) -> dict[str, np.ndarray]:

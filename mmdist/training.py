@@ -9,6 +9,7 @@ Checkpoints are safetensors (tensors) plus JSON (step, history): nothing is pick
 from __future__ import annotations
 
 import json
+import math
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mmdist.errors import DataError
 from mmdist.models import diffusion
 from mmdist.models.minimax import Collective, MinimaxObjective
 
@@ -106,6 +108,10 @@ def train_step(state: TrainState, ctx: StepContext, mean: torch.Tensor, std: tor
     parts = ctx.diffusion.losses(out.float(), x0, xt, t, noise)
     loss = parts["loss"].mean()
     metrics = {"loss_diffusion": loss.item(), "mse": parts["mse"].mean().item()}
+    if not math.isfinite(metrics["loss_diffusion"]):
+        # before backward and before the memories see the batch: the last checkpoint stays clean
+        bad = "the batch has NaN/Inf latents" if not torch.isfinite(x0).all() else "the model diverged (lower the lr)"
+        raise DataError(f"step {state.step + 1}: the diffusion loss is {metrics['loss_diffusion']}: {bad}")
     if "vb" in parts:
         metrics["vb"] = parts["vb"].mean().item()
     if state.objective is not None:

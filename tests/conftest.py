@@ -22,13 +22,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+SECRET = "mmdist-test-secret-7f3a9c"  # must never reach a log or an artifact (test_bad_input)
+
 # The environment must be set before Ray starts: workers inherit it (S3 endpoint, auth, imports).
 S3_PORT = _free_port()
 os.environ.update({
     "RAY_AUTH_MODE": "disabled",
     "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
     "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "mmdist-test-secret-7f3a9c",
+    "AWS_SECRET_ACCESS_KEY": SECRET,
     "AWS_DEFAULT_REGION": "us-east-1",
     "TQDM_MININTERVAL": "5",
     "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),

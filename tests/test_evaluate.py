@@ -81,7 +81,7 @@ def test_grid_runs_trials_concurrently_and_soft_protocol_uses_a_teacher(ray_clus
     assert set(rows) == {"distilled", "random"} and all(r["protocol"] == "soft" for r in rows.values())
     a, b = m["trials"]
     assert a["started"] < b["finished"] and b["started"] < a["finished"], "trials ran one after the other"
-    teacher = os.path.join(cfg.output, "teacher", "convnet-16px", "manifest.json")
+    teacher = os.path.join(cfg.output, "teacher", "convnet-16px-15ep", "manifest.json")
     assert os.path.exists(teacher)
     import json
 
