@@ -91,7 +91,9 @@ def train_step(state: TrainState, ctx: StepContext, mean: torch.Tensor, std: tor
     """
     model = model or state.model
     if not torch.isfinite(mean).all() or (std is not None and not torch.isfinite(std).all()):
-        raise ValueError(f"non-finite latent values in the batch of step {state.step + 1}")
+        # before any update: the last checkpoint and the memories stay clean
+        raise DataError(f"step {state.step + 1}: the batch has NaN/Inf latents (shards written by another "
+                        "tool or a broken encoder; re-encode)")
     x0 = mean if std is None else mean + std * torch.randn_like(mean)
     x0 = x0.float() * ctx.scaling_factor
     if ctx.hflip:
@@ -109,9 +111,8 @@ def train_step(state: TrainState, ctx: StepContext, mean: torch.Tensor, std: tor
     loss = parts["loss"].mean()
     metrics = {"loss_diffusion": loss.item(), "mse": parts["mse"].mean().item()}
     if not math.isfinite(metrics["loss_diffusion"]):
-        # before backward and before the memories see the batch: the last checkpoint stays clean
-        bad = "the batch has NaN/Inf latents" if not torch.isfinite(x0).all() else "the model diverged (lower the lr)"
-        raise DataError(f"step {state.step + 1}: the diffusion loss is {metrics['loss_diffusion']}: {bad}")
+        raise ArithmeticError(f"step {state.step + 1}: the diffusion loss is {metrics['loss_diffusion']}: "
+                              "training diverged (lower the learning rate)")
     if "vb" in parts:
         metrics["vb"] = parts["vb"].mean().item()
     if state.objective is not None:
