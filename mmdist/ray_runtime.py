@@ -32,8 +32,16 @@ def init(cfg: RayConfig) -> None:
     # Ray's INFO lines drown the log on a laptop
     ctx_kwargs = dict(log_to_driver=True, logging_level=logging.WARNING)
     if address:
+        if os.environ.get("AWS_SECRET_ACCESS_KEY") and os.environ.get("RAY_LOGGER_LEVEL", "info") == "info":
+            log.warning("AWS keys are in the environment: Ray Tune passes them to its trials and Ray's "
+                        "runtime-env agent logs them at INFO on the cluster; prefer an instance role or "
+                        "profile, or start the cluster with RAY_LOGGER_LEVEL=warning")
         ray.init(address=address, **ctx_kwargs)
     else:
+        # Ray Tune copies AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY from the driver's environment into
+        # each trial's runtime_env, and Ray's runtime-env agent logs every runtime_env at INFO: keep
+        # the processes of a cluster we start at WARNING so keys never reach its log files
+        os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
         ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, **ctx_kwargs)
 
 

@@ -65,13 +65,13 @@ def bucket(s3_server, request):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local 2-CPU Ray cluster for the session."""
+    """One local 2-CPU Ray cluster for the session, started the way mmdist starts one."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, logging_level="ERROR", log_to_driver=True)
-    from ray.data import DataContext
+    from mmdist import ray_runtime
+    from mmdist.config import RayConfig
 
-    DataContext.get_current().enable_progress_bars = False
+    ray_runtime.init(RayConfig(num_cpus=2))
     yield
     ray.shutdown()
 

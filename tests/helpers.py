@@ -48,3 +48,16 @@ def tiny_dit(folder: str, classes: int = 2, size: int = 16, channels: int = 1, s
     torch.manual_seed(seed)
     save_dit(create_dit("tiny", sample_size=size, in_channels=channels, num_classes=classes), folder)
     return folder
+
+
+def publish_finetune(cfg, latents: dict, dit: str) -> None:
+    """Stand in for a fine-tune: ``dit`` as <output>/finetune/model{,_ema} under a published manifest."""
+    import shutil
+
+    from mmdist import artifacts
+
+    folder = artifacts.stage_dir(cfg, "finetune")
+    for name in ("model", "model_ema"):
+        shutil.copytree(dit, os.path.join(folder, name))
+    artifacts.publish(folder, "finetune", artifacts.fingerprint(cfg, "finetune", [latents]), cfg,
+                      backbone=dit, steps=0, history=[], note="test stand-in: no training")

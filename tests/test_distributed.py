@@ -1,6 +1,7 @@
 """Ray Train: 2 DDP workers behave like one process with the global batch; a killed worker resumes."""
 
 import dataclasses
+import json
 import os
 import signal
 import threading
@@ -65,13 +66,16 @@ def test_killed_worker_resumes_from_its_checkpoint_and_finishes(smoke_run, tmp_p
     worker.start()
     ckpts = root / "finetune" / "ray"
     deadline = time.time() + 180
-    # the second checkpoint on disk means the first one is registered with Ray Train
-    while time.time() < deadline and len(list(ckpts.glob("*/checkpoint_*/meta.json"))) < 2:
+    # kill once Ray Train's controller has registered a checkpoint (its snapshot names one): a
+    # checkpoint written but not yet registered is not restored, and the run would start over
+    while time.time() < deadline and not _registered_checkpoint(ckpts):
         time.sleep(0.05)
-    assert len(list(ckpts.glob("*/checkpoint_*/meta.json"))) >= 2, "no checkpoint appeared"
+    assert _registered_checkpoint(ckpts), "no checkpoint was registered"
     address = ray.get_runtime_context().gcs_address
     victims = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    os.kill(victims[0].pid, signal.SIGKILL)
+    # the state API can still list an earlier test's worker as ALIVE: kill the newest live process
+    live = [a.pid for a in victims if os.path.exists(f"/proc/{a.pid}")]
+    os.kill(max(live, key=_start_ticks), signal.SIGKILL)
     worker.join(timeout=400)
     assert not errors, errors
     m = out["manifest"]
@@ -88,3 +92,21 @@ def _run(errors, out, fn, *args):
         out["manifest"] = fn(*args)
     except Exception as e:
         errors.append(e)
+
+
+def _start_ticks(pid: int) -> int:
+    """When a process started, in clock ticks since boot (/proc/<pid>/stat, field 22)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[19])
+
+
+def _registered_checkpoint(ray_dir) -> bool:
+    """Whether Ray Train's checkpoint manager snapshot under ``ray_dir`` names a latest checkpoint."""
+    for snapshot in ray_dir.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            state = json.loads(snapshot.read_text())
+        except (OSError, ValueError):  # being written
+            continue
+        if state.get("latest_checkpoint_result"):
+            return True
+    return False
