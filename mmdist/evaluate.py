@@ -224,7 +224,7 @@ def _train_teacher(arch: str, x: np.ndarray, y: np.ndarray, tx: np.ndarray, ty: 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = classifiers.create(arch, in_channels=x.shape[1], num_classes=int(y.max()) + 1, image_size=res).to(device)
     def tensor(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(a).to(device)
+        return torch.from_numpy(np.array(a)).to(device)  # Ray hands over read-only arrays
 
     acc = protocols.train_teacher(model, protocols.to_float(tensor(x), res), tensor(y),
                                   protocols.to_float(tensor(tx), res), tensor(ty), epochs=epochs)
