@@ -103,6 +103,7 @@ def plain_loop(cfg: object, latents: dict, backbone: str, threads: int) -> dict:
 
     from mmdist import artifacts, distributed, schema, shards, storage, training
     from mmdist.models import diffusion
+    from mmdist.models.gaussian_diffusion import GaussianDiffusion
     from mmdist.models.minimax import SingleProcess
     from mmdist.seeding import derive_seed
 
@@ -124,7 +125,7 @@ def plain_loop(cfg: object, latents: dict, backbone: str, threads: int) -> dict:
     state = training.build_state(model, trainable=distributed.trainable_set(cfg, stage), lr=tcfg.lr,
                                  weight_decay=tcfg.weight_decay, objective=objective)
     ctx = training.StepContext(  # copied from distributed.train_worker: there is no shared builder
-        diffusion=diffusion.GaussianDiffusion(), class_ids=torch.tensor(latents["model_class_ids"]),
+        diffusion=GaussianDiffusion(), class_ids=torch.tensor(latents["model_class_ids"]),
         null_id=diffusion.num_classes_of(state.model), class_dropout=cfg.finetune.class_dropout,
         scaling_factor=latents["scaling_factor"], hflip=tcfg.hflip, ema_decay=tcfg.ema_decay, autocast="no")
     collective = SingleProcess()

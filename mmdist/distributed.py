@@ -26,6 +26,7 @@ from mmdist import artifacts, schema, storage, training
 from mmdist.config import Config, TrainConfig
 from mmdist.errors import ArtifactError
 from mmdist.models import diffusion
+from mmdist.models.gaussian_diffusion import GaussianDiffusion
 from mmdist.models.minimax import MinimaxObjective, SingleProcess
 from mmdist.seeding import derive_seed
 
@@ -158,7 +159,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     training.to_device(state, device)
     ddp_model = ray.train.torch.prepare_model(state.model, move_to_device=False) if world > 1 else state.model
     ctx = training.StepContext(
-        diffusion=diffusion.GaussianDiffusion(),
+        diffusion=GaussianDiffusion(),
         class_ids=torch.tensor(latents["model_class_ids"], device=device),
         null_id=diffusion.num_classes_of(state.model),
         class_dropout=cfg.finetune.class_dropout if stage == "finetune" else cfg.pretrain.class_dropout,

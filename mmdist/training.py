@@ -21,6 +21,7 @@ from torch import nn
 
 from mmdist.errors import DataError
 from mmdist.models import diffusion
+from mmdist.models.gaussian_diffusion import GaussianDiffusion
 from mmdist.models.minimax import Collective, MinimaxObjective
 
 
@@ -42,7 +43,7 @@ class TrainState:
 class StepContext:
     """Per-run constants of a step."""
 
-    diffusion: diffusion.GaussianDiffusion
+    diffusion: GaussianDiffusion
     class_ids: torch.Tensor  # local label -> model class id
     null_id: int
     class_dropout: float

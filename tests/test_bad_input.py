@@ -56,7 +56,7 @@ def test_a_backbone_of_another_size_is_refused_before_training(smoke_run, tmp_pa
 
 
 def test_path_like_class_names_stay_inside_the_output_root(ray_cluster, tmp_path):
-    """Parquet source whose class names hold '..', spaces, unicode and '/': encode -> fine-tune -> sample."""
+    """Parquet source whose class names hold '..', spaces, unicode and '/': encode -> sample."""
     source = tmp_path / "source"
     source.mkdir()
     names = [n for n in ODD_NAMES for _ in range(4)]

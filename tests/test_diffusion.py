@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from mmdist.models import diffusion as D
+from mmdist.models.gaussian_diffusion import GaussianDiffusion
 from mmdist.models.sampler import guide, sample_latents
 
 
@@ -63,7 +64,7 @@ def test_difffit_scales_fold_exactly_into_the_weights(tmp_path):
 
 
 def test_x0_prediction_inverts_the_forward_process():
-    g = D.GaussianDiffusion()
+    g = GaussianDiffusion()
     x0, eps = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
     t = torch.tensor([0, 10, 500, 999])
     assert torch.allclose(g.predict_x0(g.q_sample(x0, t, eps), t, eps), x0, atol=1e-4)
@@ -71,7 +72,7 @@ def test_x0_prediction_inverts_the_forward_process():
 
 def test_vb_term_vanishes_at_the_true_posterior():
     """KL(q(x_{t-1}|x_t,x0) || p) = 0 when eps is exact and the variance is the posterior's."""
-    g = D.GaussianDiffusion()
+    g = GaussianDiffusion()
     x0, eps = torch.rand(4, 2, 8, 8) * 2 - 1, torch.randn(4, 2, 8, 8)
     t = torch.tensor([1, 50, 400, 999])
     xt = g.q_sample(x0, t, eps)
@@ -86,7 +87,7 @@ def test_vb_term_vanishes_at_the_true_posterior():
 
 
 def test_learned_sigma_loss_has_vb_and_fixed_does_not():
-    g = D.GaussianDiffusion()
+    g = GaussianDiffusion()
     x0 = torch.randn(2, 1, 8, 8)
     assert "vb" in g.losses(torch.randn(2, 2, 8, 8), x0, x0, torch.tensor([3, 4]), x0)
     assert "vb" not in g.losses(torch.randn(2, 1, 8, 8), x0, x0, torch.tensor([3, 4]), x0)

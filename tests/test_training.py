@@ -6,6 +6,7 @@ import torch
 from mmdist import training
 from mmdist.errors import DataError
 from mmdist.models import diffusion
+from mmdist.models.gaussian_diffusion import GaussianDiffusion
 from mmdist.models.minimax import MinimaxObjective
 
 
@@ -14,7 +15,7 @@ def make_state(trainable="difffit", objective=True, seed=0):
     model = diffusion.create_dit("tiny", sample_size=16, in_channels=1, num_classes=3)
     obj = MinimaxObjective(3, 256, memory_size=8, center=None) if objective else None
     state = training.build_state(model, trainable=trainable, lr=1e-3, weight_decay=0.0, objective=obj)
-    ctx = training.StepContext(diffusion=diffusion.GaussianDiffusion(), class_ids=torch.tensor([0, 1, 2]),
+    ctx = training.StepContext(diffusion=GaussianDiffusion(), class_ids=torch.tensor([0, 1, 2]),
                                null_id=3, class_dropout=0.1, scaling_factor=1.0, hflip=True, ema_decay=0.9,
                                autocast="no")
     return state, ctx
