@@ -98,6 +98,7 @@ class EncodeConfig:
     num_gpus_per_actor: float = opt(0.0, "GPUs per encoder actor (fractions share a GPU)")
     dtype: Literal["float32", "float16"] = opt("float32", "storage dtype of latents")
     strict: bool = opt(False, "fail the run on any unreadable image or empty class instead of counting it")
+    seed: int = opt(0, "seed of the row shuffle across shards (every shard a uniform sample of the classes)")
 
     def __post_init__(self) -> None:
         _check(self.shard_rows > 0, "encode.shard_rows", "must be positive")
@@ -143,7 +144,13 @@ class TrainConfig:
     global_batch_size: int = opt(64, "images per step summed over workers (paper: 8)")
     lr: float = opt(1e-3, "AdamW learning rate, constant (paper: 1e-3)")
     weight_decay: float = opt(0.0, "AdamW weight decay (paper: 0)")
-    ema_decay: float = opt(0.999, "EMA decay; sampling uses the EMA weights")
+    ema_decay: float = opt(0.999, "EMA decay (its ceiling with ema_warmup); sampling uses the EMA weights")
+    ema_warmup: bool = opt(
+        True,
+        "warm the EMA decay up as min(ema_decay, (1 + step) / (10 + step)) (diffusers' EMAModel): a short "
+        "run's EMA then holds what it trained. Off, decay**steps of the starting weights stay in the EMA "
+        "(the paper: 0.9999 over 12k steps keeps 30 %)",
+    )
     hflip: bool = opt(True, "random horizontal flip of the latent (method.md §1.2 flips images)")
     mixed_precision: Literal["no", "bf16"] = opt("no", "bf16 autocast of the forward pass (GPU)")
     num_workers: int = opt(1, "Ray Train workers (DDP ranks)")
@@ -180,7 +187,7 @@ class PretrainConfig(TrainConfig):
     steps: int = opt(5000, "optimiser steps (the shipped backbone: 5000)")
     global_batch_size: int = opt(128, "images per step")
     lr: float = opt(1e-3, "AdamW learning rate")
-    ema_decay: float = opt(0.999, "EMA decay; the shipped weights are the EMA")
+    ema_decay: float = opt(0.999, "EMA decay ceiling; the shipped weights are the EMA")
     checkpoint_every: int = opt(500, "steps between checkpoints")
     log_every: int = opt(100, "steps between log lines")
     _section = "pretrain"

@@ -164,6 +164,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         null_id=diffusion.num_classes_of(state.model),
         class_dropout=cfg.finetune.class_dropout if stage == "finetune" else cfg.pretrain.class_dropout,
         scaling_factor=latents["scaling_factor"], hflip=tcfg.hflip, ema_decay=tcfg.ema_decay,
+        ema_warmup=tcfg.ema_warmup,
         autocast=tcfg.mixed_precision if device.type == "cuda" else "no",
     )
     collective = TorchCollective() if world > 1 else SingleProcess()
@@ -241,6 +242,12 @@ def fit(cfg: Config, stage: str, fp: str) -> dict[str, Any]:
     latents_dir = artifacts.stage_dir(cfg, "encode")
     latents = artifacts.require(latents_dir, "encode")
     check_against_model(cfg, stage, latents)
+    start_share = training.ema_start_share(tcfg.steps, tcfg.ema_decay, tcfg.ema_warmup)
+    if start_share > 0.1:
+        what = "random initialisation" if stage == "pretrain" else "backbone"
+        log.warning("%s: after %d steps %.0f%% of the sampled EMA weights will still be the %s "
+                    "(%s.ema_decay=%s without warm-up); set %s.ema_warmup=true or train longer",
+                    stage, tcfg.steps, 100 * start_share, what, stage, tcfg.ema_decay, stage)
     from safetensors.numpy import load as load_tensors
 
     stats = load_tensors(storage.read_bytes(storage.join(latents_dir, schema.STATS)))
@@ -286,7 +293,7 @@ def fit(cfg: Config, stage: str, fp: str) -> dict[str, Any]:
     return {"steps": meta["step"], "history": meta["history"], "resumed_at": meta.get("resumed_at", []),
             "final": meta["history"][-1] if meta["history"] else {},
             "wall_seconds": round(wall, 2), "accelerator_seconds": round(wall * workers * tcfg.use_gpu, 2),
-            "num_workers": workers, "latents": latents_dir, "classes": latents["classes"],
+            "num_workers": workers, "latents": latents_dir, "ema_start_share": round(start_share, 6), "classes": latents["classes"],
             "model_class_ids": latents["model_class_ids"]}
 
 

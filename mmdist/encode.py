@@ -21,6 +21,7 @@ import torch
 from mmdist import artifacts, datasets, schema, shards, storage
 from mmdist.config import Config
 from mmdist.errors import DataError
+from mmdist.seeding import derive_seed
 
 log = logging.getLogger("mmdist")
 
@@ -99,9 +100,18 @@ def items_hash(items: list[datasets.Item]) -> str:
     return hashlib.sha256("\n".join(f"{it.source_id}|{it.label}" for it in items).encode()).hexdigest()[:16]
 
 
-def plan_shards(items: list[datasets.Item], rows: int) -> list[list[datasets.Item]]:
-    """Cut the split into consecutive shards of ``rows`` images (the last may be shorter)."""
-    return [items[i: i + rows] for i in range(0, len(items), rows)]
+def plan_shards(items: list[datasets.Item], rows: int, seed: int) -> list[list[datasets.Item]]:
+    """Shuffle the split (seeded) and cut it into shards of ``rows`` images (the last may be shorter).
+
+    Splits are indexed class by class; without the shuffle a shard would hold one class and a
+    training batch's classes would depend on how Ray Data interleaves its reads. The minimax
+    terms compare predictions within each class of a batch, so batches must be i.i.d. draws over
+    classes, as the paper's DistributedSampler gives (method.md §1.2): every shard is a uniform
+    random sample of the split.
+    """
+    order = np.random.default_rng(derive_seed(seed, "encode", "rows")).permutation(len(items))
+    shuffled = [items[i] for i in order]
+    return [shuffled[i: i + rows] for i in range(0, len(shuffled), rows)]
 
 
 def main(cfg: Config) -> dict[str, Any]:
@@ -123,7 +133,7 @@ def main(cfg: Config) -> dict[str, Any]:
                      for c in train.classes if c not in test.classes]
     if problems and cfg.encode.strict:
         raise DataError(f"encode.strict: {len(problems)} input problems, first: {problems[0]}")
-    plans = plan_shards(train.items, cfg.encode.shard_rows)
+    plans = plan_shards(train.items, cfg.encode.shard_rows, cfg.encode.seed)
     uris = [storage.join(folder, "shards", shards.shard_name(i)) for i in range(len(plans))]
     metas: dict[int, dict] = {}
     for i, uri in enumerate(uris):

@@ -102,3 +102,24 @@ def test_interrupted_encode_leaves_only_whole_shards_and_resumes(ray_cluster, tm
     m = encode.main(cfg)
     assert m["rows"] == 72 and len(m["shards"]) == 36
     assert storage.exists(os.path.join(out, "latents", schema.MANIFEST))
+
+
+def test_shards_are_uniform_samples_of_the_classes():
+    """Issue 12 cause 2: a split indexed class by class must not give one-class shards. Each
+    shard's class histogram is that of a random draw: summed over shards, Pearson's statistic stays
+    under its 99.9 % quantile (chi-square, 9 x shards degrees of freedom; without the shuffle it is
+    about 60 times larger), and the same seed gives the same plan."""
+    from mmdist.datasets import Item
+
+    items = [Item(f"{c}/{i}", str(c), c) for c in range(10) for i in range(500)]
+    plans = encode.plan_shards(items, 64, seed=0)
+    assert sorted(it.source_id for plan in plans for it in plan) == sorted(it.source_id for it in items)
+    full = [p for p in plans if len(p) == 64]
+    counts = np.array([np.bincount([it.label for it in p], minlength=10) for p in full])
+    pearson = float((((counts - 6.4) ** 2) / 6.4).sum())
+    dof = 9 * len(full)
+    quantile_999 = dof + 3.09 * np.sqrt(2 * dof)  # normal approximation, good at these dof
+    assert pearson < quantile_999, (pearson, quantile_999)
+    assert (counts > 0).sum(1).min() >= 7  # no shard is missing many classes
+    assert [it.source_id for it in encode.plan_shards(items, 64, seed=0)[0]] == [it.source_id for it in plans[0]]
+    assert [it.source_id for it in encode.plan_shards(items, 64, seed=1)[0]] != [it.source_id for it in plans[0]]
