@@ -293,8 +293,8 @@ def fit(cfg: Config, stage: str, fp: str) -> dict[str, Any]:
     return {"steps": meta["step"], "history": meta["history"], "resumed_at": meta.get("resumed_at", []),
             "final": meta["history"][-1] if meta["history"] else {},
             "wall_seconds": round(wall, 2), "accelerator_seconds": round(wall * workers * tcfg.use_gpu, 2),
-            "num_workers": workers, "latents": latents_dir, "ema_start_share": round(start_share, 6), "classes": latents["classes"],
-            "model_class_ids": latents["model_class_ids"]}
+            "num_workers": workers, "latents": latents_dir, "ema_start_share": round(start_share, 6),
+            "classes": latents["classes"], "model_class_ids": latents["model_class_ids"]}
 
 
 def _ordered() -> Any:

@@ -16,8 +16,8 @@ def make_state(trainable="difffit", objective=True, seed=0):
     obj = MinimaxObjective(3, 256, memory_size=8, center=None) if objective else None
     state = training.build_state(model, trainable=trainable, lr=1e-3, weight_decay=0.0, objective=obj)
     ctx = training.StepContext(diffusion=GaussianDiffusion(), class_ids=torch.tensor([0, 1, 2]),
-                               null_id=3, class_dropout=0.1, scaling_factor=1.0, hflip=True, ema_decay=0.9, ema_warmup=False,
-                               autocast="no")
+                               null_id=3, class_dropout=0.1, scaling_factor=1.0, hflip=True, ema_decay=0.9,
+                               ema_warmup=False, autocast="no")
     return state, ctx
 
 
