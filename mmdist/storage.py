@@ -16,6 +16,7 @@ import posixpath
 import re
 import time
 import unicodedata
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -30,6 +31,31 @@ _REMOTE = re.compile(r"^[a-z][a-z0-9+.-]*://")
 def is_remote(uri: str) -> bool:
     """True for URLs such as s3://bucket/key."""
     return bool(_REMOTE.match(uri)) and not uri.startswith("file://")
+
+
+_SIGNED_QUERY = re.compile(r"(^|&)(x-amz-(credential|signature|security-token)|sig|signature|token|"
+                           r"access_?key|secret|password)=", re.I)
+
+
+def credentials_in(uri: str) -> str | None:
+    """Where a URI carries credentials ('user info' before '@', or a signed 'query'), else None."""
+    if "://" not in uri:
+        return None
+    parts = urllib.parse.urlsplit(uri)
+    if "@" in parts.netloc:
+        return "user info"
+    if _SIGNED_QUERY.search(parts.query):
+        return "query"
+    return None
+
+
+def redact(uri: str) -> str:
+    """``uri`` without user info or query, for log lines and error messages."""
+    if "://" not in uri:
+        return uri
+    parts = urllib.parse.urlsplit(uri)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def join(root: str, *parts: str) -> str:
