@@ -61,28 +61,53 @@ def write_shard(uri: str, *, mean: np.ndarray, std: np.ndarray | None, labels: n
 
 
 def read_shard_meta(uri: str) -> dict[str, Any] | None:
-    """The metadata of a finished shard, or None if it is missing or unreadable.
+    """The metadata of a finished shard, or None if it is missing, truncated or not ours.
 
     ``tensor_shape`` is the latent shape the Parquet schema itself declares (footer only), so a
-    shard from another encode cannot pass on its metadata alone.
+    shard from another encode cannot pass on its metadata alone. Only the footer is read. A
+    storage failure is not "missing": it raises (an ArtifactError naming the URI), so a resumed
+    encode never redoes good shards, nor a check passes, because the store was briefly away.
     """
-    fs, path = storage.filesystem(uri)
     try:
-        with fs.open(path, "rb") as f:
-            file_schema = pq.read_schema(f)
+        footer = _footer(uri)
+    except FileNotFoundError:
+        return None
+    if footer is None:
+        return None
+    try:
+        file_schema = pq.read_schema(pa.BufferReader(footer))
         meta = json.loads((file_schema.metadata or {})[_META_KEY])
-    except (FileNotFoundError, KeyError, OSError, pa.ArrowInvalid, json.JSONDecodeError):
+    except (KeyError, OSError, ValueError, TypeError, pa.ArrowException):  # JSONDecodeError is a ValueError
+        return None
+    if not isinstance(meta, dict):
         return None
     column = file_schema.field(schema.LATENT_MEAN).type if schema.LATENT_MEAN in file_schema.names else None
     meta["tensor_shape"] = list(column.shape) if isinstance(column, pa.FixedShapeTensorType) else None
     return meta
 
 
+def _footer(uri: str) -> bytes | None:
+    """A minimal Parquet file holding only ``uri``'s footer (schema and key-value metadata), or None."""
+    with storage.open_read(uri) as f:
+        size = f.seek(0, 2)
+        if size < 12:
+            return None
+        f.seek(size - 8)
+        tail = f.read(8)
+        length = int.from_bytes(tail[:4], "little")
+        if tail[4:] != b"PAR1" or length + 12 > size:
+            return None
+        f.seek(size - 8 - length)
+        return b"PAR1" + f.read(length) + tail
+
+
 def read_shard(uri: str) -> dict[str, np.ndarray]:
-    """All columns of a shard as numpy arrays (tensors as [N, C, H, W])."""
-    fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f)
+    """All columns of a shard as numpy arrays (tensors as [N, C, H, W]); ArtifactError if unreadable."""
+    data = storage.read_bytes(uri)
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (OSError, pa.ArrowException) as e:
+        raise ArtifactError(f"{storage.redact(uri)}: not a readable Parquet shard ({str(e)[:120]})") from None
     out = {}
     for name in table.column_names:
         col = table.column(name).combine_chunks()
