@@ -34,9 +34,10 @@ log = logging.getLogger("mmdist")
 
 FOLDERS = {"encode": "latents", "pretrain": "pretrain", "finetune": "finetune", "sample": "samples",
            "evaluate": "eval"}
-# config sections each stage's result depends on (upstream stages add their own fingerprints)
+# config sections each stage's result depends on (upstream stages add their own fingerprints);
+# evaluate reads the real data itself (random and full rows, the test split, the teacher's data)
 SECTIONS = {"encode": ("data", "encode"), "pretrain": ("pretrain",), "finetune": ("finetune",),
-            "sample": ("sample",), "evaluate": ("evaluate",)}
+            "sample": ("sample",), "evaluate": ("data", "evaluate")}
 
 
 def stage_dir(cfg: Config, stage: str) -> str:
@@ -53,6 +54,16 @@ def fingerprint(cfg: Config, stage: str, upstream: list[dict[str, Any]] = ()) ->
     own = cfg.fingerprint(*SECTIONS[stage])
     text = "|".join([stage, own, *[m["fingerprint"] for m in upstream]])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def folder_fingerprint(folder: str) -> dict[str, str]:
+    """An upstream entry for a folder that is not an artifact of ours (names and sizes of its files)."""
+    import hashlib
+
+    fs, path = storage.filesystem(folder)
+    listing = sorted((name[len(path):], int(info.get("size") or 0))
+                     for name, info in fs.find(path, detail=True).items())
+    return {"fingerprint": hashlib.sha256(repr(listing).encode()).hexdigest()[:16]}
 
 
 def existing(folder: str, kind: str, fp: str, cfg: Config, overwrite: bool = False) -> dict[str, Any] | None:

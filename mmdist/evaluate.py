@@ -184,14 +184,20 @@ def _teacher_model(state: dict[str, Any], channels: int, num_classes: int, res: 
     return model.eval()
 
 
+def teacher_cache(cfg: Config, res: int) -> str:
+    """Where a teacher trained for ``cfg`` is cached, keyed by everything it is trained on."""
+    e = cfg.evaluate
+    key = f"{e.teacher_arch.replace(':', '_')}-{res}px-{e.teacher_epochs}ep-data{cfg.fingerprint('data')}"
+    return storage.join(cfg.output, "teacher", key)
+
+
 def teacher_state(cfg: Config, test: tuple[np.ndarray, np.ndarray], res: int) -> dict[str, Any]:
     """Load ``evaluate.teacher`` or train one on the real train split (cached under <output>/teacher)."""
     from safetensors.numpy import load as load_tensors
     from safetensors.numpy import save as save_tensors
 
     e = cfg.evaluate
-    folder = e.teacher or storage.join(cfg.output, "teacher",
-                                       f"{e.teacher_arch.replace(':', '_')}-{res}px-{e.teacher_epochs}ep")
+    folder = e.teacher or teacher_cache(cfg, res)
     weights_uri = storage.join(folder, "model.safetensors")
     if storage.exists(storage.join(folder, schema.MANIFEST)):
         meta = storage.read_json(storage.join(folder, schema.MANIFEST))
@@ -246,6 +252,8 @@ def main(cfg: Config) -> dict[str, Any]:
     upstream = []
     if {"minimax", "diffusion"} & set(e.methods):
         upstream.append(artifacts.require(artifacts.stage_dir(cfg, "sample"), "sample"))
+    if "distilled" in e.methods:
+        upstream.append(artifacts.folder_fingerprint(e.distilled))
     folder = artifacts.stage_dir(cfg, "evaluate")
     fp = artifacts.fingerprint(cfg, "evaluate", upstream)
     done = artifacts.existing(folder, "evaluate", fp, cfg, cfg.overwrite)

@@ -204,6 +204,15 @@ def remove_temp_files(folder: str) -> int:
     return removed
 
 
+def keep_only(folder: str, names: set[str]) -> list[str]:
+    """Remove every entry of ``folder`` not named in ``names`` (temp files of killed writers, images
+    beyond a smaller IPC); returns the names removed."""
+    extra = [n for n in listdir(folder) if n not in names]
+    for name in extra:
+        remove(join(folder, name))
+    return extra
+
+
 def read_json(uri: str) -> Any:
     """Read a JSON file; ArtifactError if it is not valid JSON (a damaged or foreign file)."""
     data = read_bytes(uri)
