@@ -81,7 +81,7 @@ class ShardEncoder:
             counts[it.class_name] = counts.get(it.class_name, 0) + 1
         meta = {
             "fingerprint": self.fp, "items": items_hash(items), "rows": len(kept), "counts": counts, "skipped": skipped,
-            "nonfinite_rows": 0, "shape": shape,
+            "nonfinite_dropped": int((~finite).sum()), "shape": shape,
             "sum": shards.encode_vector(mean.astype(np.float64).sum(0).ravel()),
         }
         shards.write_shard(
@@ -171,7 +171,7 @@ def main(cfg: Config) -> dict[str, Any]:
         model_class_ids=list(cfg.data.model_class_ids or range(len(train.classes))),
         latent_shape=shape, dtype=cfg.encode.dtype, encoder=cfg.encode.encoder,
         scaling_factor=encoder_scale, deterministic=cfg.encode.encoder == "identity",
-        skipped=skipped, problems=problems, nonfinite_rows=sum(m["nonfinite_rows"] for m in metas.values()),
+        skipped=skipped, problems=problems, nonfinite_dropped=sum(m.get("nonfinite_dropped", 0) for m in metas.values()),
         wall_seconds=round(wall, 2), accelerator_seconds=round(wall * gpus, 2),
     )
 

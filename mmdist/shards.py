@@ -131,10 +131,11 @@ def load_manifest(folder: str, kind: str) -> dict[str, Any]:
 
 def check_latents(manifest: dict[str, Any], *, shape: tuple[int, ...] | None = None,
                   num_model_classes: int | None = None, class_ids: list[int] | None = None) -> None:
-    """Refuse latents that cannot train the model: shape, label range, NaN/Inf rows."""
-    if manifest.get("nonfinite_rows", 0):
-        raise ArtifactError(f"latent shards contain {manifest['nonfinite_rows']} rows with NaN/Inf values; "
-                            "re-encode the data (a broken VAE or input images)")
+    """Refuse latents that cannot train the model: shape, label range.
+
+    Non-finite latents never reach a shard (encode drops and counts them as ``nonfinite_dropped``);
+    one in a shard written by another tool stops training at its first step (``train_step``).
+    """
     got = tuple(manifest["latent_shape"])
     if shape is not None and got != tuple(shape):
         raise ArtifactError(f"latent shape {list(got)} does not match the model's input {list(shape)} "
