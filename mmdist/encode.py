@@ -171,7 +171,8 @@ def main(cfg: Config) -> dict[str, Any]:
         model_class_ids=list(cfg.data.model_class_ids or range(len(train.classes))),
         latent_shape=shape, dtype=cfg.encode.dtype, encoder=cfg.encode.encoder,
         scaling_factor=encoder_scale, deterministic=cfg.encode.encoder == "identity",
-        skipped=skipped, problems=problems, nonfinite_dropped=sum(m.get("nonfinite_dropped", 0) for m in metas.values()),
+        skipped=skipped, problems=problems,
+        nonfinite_dropped=sum(m.get("nonfinite_dropped", 0) for m in metas.values()),
         wall_seconds=round(wall, 2), accelerator_seconds=round(wall * gpus, 2),
     )
 
