@@ -4,8 +4,12 @@ The worker-kill and actor-kill faults live beside their stages (test_distributed
 and carry the same `fault` marker.
 """
 
+import dataclasses
+import glob
 import hashlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -124,3 +128,107 @@ def test_s3_outage_mid_encode_then_rerun_publishes_whole_shards(ray_cluster, s3_
                 assert pq.read_table(f).num_rows == 2  # every listed shard is whole
     finally:
         server.stop()
+
+
+# ----------------------------------------------------------------------------------------------
+# One writer per stage folder; --overwrite replaces the whole stage
+# ----------------------------------------------------------------------------------------------
+
+
+def _hold_lease(folder):
+    """A subprocess that takes the lease on ``folder`` and waits; returns it once it holds it."""
+    code = (f"from mmdist import artifacts; artifacts.lease({folder!r}, 'encode'); print('held', flush=True); "
+            "import time; time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_writer_is_refused_naming_the_holder_until_the_holder_dies(tmp_path):
+    from mmdist import artifacts
+    from mmdist.errors import ArtifactError
+
+    out = str(tmp_path / "run")
+    folder = os.path.join(out, "latents")
+    holder = _hold_lease(folder)
+    try:
+        # the CLI refuses in one line, before Ray starts
+        cli = subprocess.run([sys.executable, "-m", "mmdist", "encode", "--smoke", "--output", out],
+                             capture_output=True, text=True, timeout=300)
+        lines = [ln for ln in cli.stderr.splitlines() if ln.startswith("mmdist: error:")]
+        assert cli.returncode == 2 and len(lines) == 1 and "Traceback" not in cli.stderr, cli.stderr[-2000:]
+        assert "is being written by another run (" in lines[0] and f":{holder.pid}, encode stage" in lines[0]
+        assert not os.path.exists(folder)  # nothing was written
+        with pytest.raises(ArtifactError, match=f":{holder.pid}, encode stage"):
+            artifacts.lease(folder, "encode")
+    finally:
+        holder.kill()
+        holder.wait()
+    artifacts.lease(folder, "encode")  # its holder died: taken over at once, no expiry wait
+    lease = json.load(open(artifacts.lease_uri(folder)))
+    assert lease["pid"] == os.getpid()
+    artifacts.release(folder)
+    assert not os.path.exists(artifacts.lease_uri(folder))
+
+
+def test_a_lease_on_object_storage_expires_after_its_holders_last_renewal(bucket):
+    from mmdist import artifacts, storage
+    from mmdist.errors import ArtifactError
+
+    folder = f"{bucket}/run/samples"
+    other = {"holder": "node-7:4242", "host": "node-7", "pid": 4242, "stage": "sample", "token": "t"}
+    storage.write_json(artifacts.lease_uri(folder), {**other, "since": time.time(), "renewed": time.time()})
+    with pytest.raises(ArtifactError, match=r"being written by another run \(node-7:4242, sample stage"):
+        artifacts.lease(folder, "sample")
+    stale = time.time() - artifacts.LEASE_SECONDS - 1
+    storage.write_json(artifacts.lease_uri(folder), {**other, "since": stale, "renewed": stale})
+    artifacts.lease(folder, "sample")  # expired: taken over
+    assert storage.read_json(artifacts.lease_uri(folder))["pid"] == os.getpid()
+    artifacts.release(folder)
+    assert not storage.exists(artifacts.lease_uri(folder))
+
+
+def test_overwrite_replaces_the_whole_stage(smoke_run, tmp_path):
+    """Sampling IPC 2 over a finished IPC 4 with --overwrite leaves IPC 2 images, not 2 stale ones per class."""
+    from mmdist import sample
+
+    cfg, _ = smoke_run
+    root = tmp_path / "run"
+    for stage in ("latents", "pretrain", "finetune"):
+        shutil.copytree(os.path.join(cfg.output, stage), root / stage, ignore=shutil.ignore_patterns("ray"))
+    big = dataclasses.replace(cfg, output=str(root), sample=dataclasses.replace(cfg.sample, ipc=4, steps=2,
+                                                                              baseline=False))
+    sample.main(big)
+    (root / "samples" / "stale-extra-file").write_bytes(b"left by the earlier run")
+    small = dataclasses.replace(big, overwrite=True, sample=dataclasses.replace(big.sample, ipc=2))
+    sample.main(small)
+    images = root / "samples" / "minimax" / "images"
+    assert sorted(len(os.listdir(images / c)) for c in os.listdir(images)) == [2, 2]
+    assert not (root / "samples" / "stale-extra-file").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# A corrupt latest checkpoint falls back to the previous one
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(smoke_run, tmp_path, caplog):
+    from mmdist import finetune
+
+    cfg, _ = smoke_run
+    root = tmp_path / "run"
+    for stage in ("latents", "pretrain"):
+        shutil.copytree(os.path.join(cfg.output, stage), root / stage, ignore=shutil.ignore_patterns("ray"))
+    cfg = dataclasses.replace(cfg, output=str(root), finetune=dataclasses.replace(
+        cfg.finetune, steps=4, checkpoint_every=2, log_every=2))
+    assert finetune.main(cfg)["steps"] == 4
+    ckpts = sorted(glob.glob(str(root / "finetune" / "ray" / "*" / "checkpoint_*")))
+    assert len(ckpts) == 2, ckpts
+    state = os.path.join(ckpts[-1], "state.safetensors")  # the step-4 checkpoint: truncated
+    with open(state, "r+b") as f:
+        f.truncate(os.path.getsize(state) // 2)
+    for name in ("manifest.json", "model", "model_ema"):  # as if the run died before exporting
+        path = root / "finetune" / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    manifest = finetune.main(cfg)  # used to fail on every restart: the same corrupt checkpoint each time
+    assert manifest["steps"] == 4 and manifest["resumed_at"] == [2], manifest["resumed_at"]
