@@ -56,8 +56,12 @@ def opt(default: Any, doc: str, **checks: Any) -> Any:
 
 
 def _show(value: Any) -> str:
-    """A value for an error line: repr, capped."""
-    text = repr(value)
+    """A value for an error line: repr without URI credentials, capped."""
+    import re
+
+    from mmdist.storage import redact
+
+    text = re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]*", lambda m: redact(m.group(0)), repr(value))
     return text if len(text) <= 80 else text[:77] + "..."
 
 

@@ -107,7 +107,7 @@ def read_shard(uri: str) -> dict[str, np.ndarray]:
     try:
         table = pq.read_table(pa.BufferReader(data))
     except (OSError, pa.ArrowException) as e:
-        raise ArtifactError(f"{storage.redact(uri)}: not a readable Parquet shard ({str(e)[:120]})") from None
+        raise ArtifactError(f"{storage.redact(uri)}: not a readable Parquet shard ({storage.short_error(e)})") from None
     out = {}
     for name in table.column_names:
         col = table.column(name).combine_chunks()

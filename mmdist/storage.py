@@ -80,9 +80,9 @@ def _storage_errors(uri: str) -> Iterator[None]:
     except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError):
         raise
     except PermissionError as e:
-        raise ArtifactError(f"{where}: permission denied ({_short(e)})") from None
+        raise ArtifactError(f"{where}: permission denied ({short_error(e)})") from None
     except OSError as e:
-        raise ArtifactError(f"{where}: storage error ({_short(e)})") from None
+        raise ArtifactError(f"{where}: storage error ({short_error(e)})") from None
     except Exception as e:  # botocore / aiohttp / google-auth errors share no base class with OSError
         name = type(e).__name__
         if "Credentials" in name or name in {"DefaultCredentialsError", "RefreshError"}:
@@ -91,11 +91,11 @@ def _storage_errors(uri: str) -> Iterator[None]:
         if name in {"EndpointConnectionError", "ClientConnectorError", "ConnectTimeoutError", "ConnectionClosedError",
                     "ClientError", "ReadTimeoutError", "ServerDisconnectedError", "HttpError"}:
             raise ArtifactError(f"{where}: cannot reach the storage service after the client's retries "
-                                f"({name}: {_short(e)})") from None
+                                f"({name}: {short_error(e)})") from None
         raise
 
 
-def _short(e: BaseException) -> str:
+def short_error(e: BaseException) -> str:
     """The first line of an exception message, capped, with any URI credentials removed."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return re.sub(r"[a-z][a-z0-9+.-]*://\S+", lambda m: redact(m.group(0)), text)[:200]
@@ -268,15 +268,21 @@ def arrow_filesystem(uri: str) -> tuple[Any, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+_HASHED = re.compile(r"-[0-9a-f]{8}$")
+
+
 def safe_name(name: str) -> str:
     """A folder/file name for a class name that cannot escape its parent folder.
 
-    Letters, digits and ``._-`` are kept (unicode letters too); anything else (``/``, ``..``,
-    spaces) is replaced, and a hash of the original is appended whenever the name changed, so
-    two different class names never map to the same folder.
+    A name is kept as it is only if it is plain: letters, digits and ``._-``, no uppercase, at
+    most 100 bytes, and not ending like a hashed name. Anything else (``/``, ``..``, spaces,
+    uppercase, long or unnormalised names) is cleaned, capped, and given a hash of the original,
+    so two class names never map to one folder, also on a case-insensitive disk, and a name
+    crafted to look like another's hashed form gets a hash of its own.
     """
     norm = unicodedata.normalize("NFC", name)
     kept = "".join(ch if (ch.isalnum() or ch in "._-") else "_" for ch in norm).strip(".")
-    if kept != name or not kept:
-        kept = f"{kept[:80] or 'class'}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
-    return kept
+    if kept == name and kept == kept.casefold() and len(kept.encode()) <= 100 and not _HASHED.search(kept):
+        return kept
+    head = kept.encode()[:80].decode(errors="ignore").rstrip(".") or "class"
+    return f"{head}-{hashlib.sha1(name.encode(errors='surrogatepass')).hexdigest()[:8]}"
