@@ -30,6 +30,10 @@ def shard_name(index: int) -> str:
 
 def _tensor_column(array: np.ndarray) -> pa.Array:
     """[N, C, H, W] numpy -> a fixed-shape tensor column (round-trips through Ray Data)."""
+    if len(array) == 0:  # every image of the shard was skipped: Arrow builds no tensor from nothing
+        value = pa.from_numpy_dtype(array.dtype)
+        kind = pa.fixed_shape_tensor(value, array.shape[1:])
+        return pa.ExtensionArray.from_storage(kind, pa.array([], pa.list_(value, int(np.prod(array.shape[1:])))))
     return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(array))
 
 
