@@ -186,3 +186,22 @@ def test_nonfinite_latents_are_dropped_and_counted(tmp_path, dtype, dropped):
         0, [[it.source_id, it.class_name, it.label, it.uri, it.row] for it in items])
     assert meta["nonfinite_dropped"] == dropped and meta["rows"] == 3 - dropped
     assert [s["reason"] for s in meta["skipped"]] == ["non-finite latent"] * dropped
+
+
+def test_evaluate_fingerprint_and_teacher_cache_cover_the_data(tmp_path):
+    """Evaluation without sampled rows used to hash only its own section: a changed data.* was
+    'complete, skipping', and the cached teacher ignored the data it was trained on."""
+    import dataclasses
+
+    from mmdist import artifacts, evaluate
+
+    a = smoke_config(str(tmp_path), evaluate={"methods": ["random"], "protocol": "soft"})
+    b = dataclasses.replace(a, data=dataclasses.replace(a.data, max_per_class=40))
+    assert artifacts.fingerprint(a, "evaluate", []) != artifacts.fingerprint(b, "evaluate", [])
+    assert evaluate.teacher_cache(a, 16) != evaluate.teacher_cache(b, 16)
+    distilled = tmp_path / "distilled" / "c"
+    distilled.mkdir(parents=True)
+    (distilled / "0.png").write_bytes(png(8))
+    before = artifacts.folder_fingerprint(str(tmp_path / "distilled"))
+    (distilled / "1.png").write_bytes(png(8))
+    assert artifacts.folder_fingerprint(str(tmp_path / "distilled")) != before
