@@ -282,7 +282,7 @@ def safe_name(name: str) -> str:
     """
     norm = unicodedata.normalize("NFC", name)
     kept = "".join(ch if (ch.isalnum() or ch in "._-") else "_" for ch in norm).strip(".")
-    if kept == name and kept == kept.casefold() and len(kept.encode()) <= 100 and not _HASHED.search(kept):
+    if kept and kept == name and kept == kept.casefold() and len(kept.encode()) <= 100 and not _HASHED.search(kept):
         return kept
     head = kept.encode()[:80].decode(errors="ignore").rstrip(".") or "class"
     return f"{head}-{hashlib.sha1(name.encode(errors='surrogatepass')).hexdigest()[:8]}"
