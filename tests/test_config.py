@@ -200,6 +200,14 @@ def test_the_reviewed_holes_are_closed(override, field):
     assert str(e.value).startswith(field) and "SECRET" not in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("override", ["sample.ipc=s3://AKIA:wJalr@b/x", "evaluate.seeds=[s3://AKIA:wJalr@b/x]",
+                                      "finetune.minimax=s3://AKIA:wJalr@b/x"])
+def test_a_credential_given_to_any_field_is_not_echoed(override):
+    with pytest.raises(ConfigError) as e:
+        C.apply_overrides(C.Config(), [override])
+    assert "wJalr" not in str(e.value) and "s3://b/x" in str(e.value), str(e.value)
+
+
 @pytest.mark.parametrize("overrides, field", [
     (["evaluate.ipcs=[50]"], "evaluate.ipcs: IPC 50 is larger than sample.ipc=2"),
     (["evaluate.ipcs=[50]", "sample.ipc=50"], "evaluate.ipcs: IPC 50 is larger than data.max_per_class=48"),

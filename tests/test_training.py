@@ -89,7 +89,9 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     from mmdist.errors import ArtifactError
 
-    state, _ = make_state()
+    state, ctx = make_state()
+    for i in range(2):  # the saved weights differ from a fresh model's
+        training.train_step(state, ctx, *batch(i))
     training.save_checkpoint(state, str(tmp_path))
     other, _ = make_state(trainable="full")
     before = {n: p.detach().clone() for n, p in other.trainable.items()}
