@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from mmdist.errors import ConfigError
-from mmdist.fields import check_fields, coerce, opt
+from mmdist.fields import _show, check_fields, coerce, opt
 
 
 def _check(ok: bool, name: str, message: str) -> None:
@@ -382,9 +382,9 @@ def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(str(k) for k in raw if k not in fields)
+    unknown = sorted((k if isinstance(k, str) and k.isidentifier() else _show(k)) for k in raw if k not in fields)
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0][:80]}: unknown field (known: {', '.join(sorted(fields))})")
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown field (known: {', '.join(sorted(fields))})")
     kwargs = {k: coerce(hints[k], v, f"{prefix}{k}", from_dict) for k, v in raw.items()}
     return cls(**kwargs)
 

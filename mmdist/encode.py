@@ -69,9 +69,10 @@ class ShardEncoder:
         # cast before the check: a float16 shard overflows to Inf beyond 65504
         dtype = np.float16 if cfg.encode.dtype == "float16" else np.float32
         mean, std = mean.astype(dtype), (None if std is None else std.astype(dtype))
-        finite = np.isfinite(mean.reshape(len(mean), -1)).all(1)
+        flat = (len(mean), int(np.prod(shape)))  # explicit: a shard whose images were all skipped has 0 rows
+        finite = np.isfinite(mean.reshape(flat)).all(1)
         if std is not None:
-            finite &= np.isfinite(std.reshape(len(std), -1)).all(1)
+            finite &= np.isfinite(std.reshape(flat)).all(1)
         for it in (k for k, ok in zip(kept, finite) if not ok):
             skipped.append({"source_id": it.source_id, "class": it.class_name, "reason": "non-finite latent"})
         kept = [k for k, ok in zip(kept, finite) if ok]
