@@ -83,7 +83,8 @@ def test_path_like_class_names_stay_inside_the_output_root(ray_cluster, tmp_path
     folders = [m["folder"] for m in markers]
     assert len({f.casefold() for f in folders}) == len(ODD_NAMES)  # distinct on a case-insensitive disk too
     for m in markers:
-        assert m["folder"] == storage.safe_name(m["class"]) and "/" not in m["folder"] and ".." not in m["folder"]
+        assert m["folder"] == storage.safe_name(m["class"]) and "/" not in m["folder"]
+        assert m["folder"] not in (".", "..") and not m["folder"].startswith(".")
         assert len(m["folder"].encode()) <= 120  # file systems cap a name at 255 bytes
         assert len(os.listdir(folder / "images" / m["folder"])) == 1
     root = os.path.realpath(out)
