@@ -78,7 +78,8 @@ def test_sigint_at_every_stage_then_rerun_reuses_work_and_matches_an_uninterrupt
         proc.wait(timeout=120)
         reader.join(timeout=10)
         text = "".join(log)
-        # the interrupt landed in the target stage: nothing after it started, and the CLI said so
+        # the interrupt landed in the target stage: it stopped the run before the next stage started
+        # (inside Ray Train the exit is 1 with Ray's traceback, elsewhere 130 with our line)
         nxt = STAGES[i + 1] if i + 1 < len(STAGES) else None
         assert proc.returncode != 0, (target, text[-2000:])
         assert nxt is None or f"stage {nxt}: start" not in text, f"the interrupt missed {target}"
