@@ -44,12 +44,11 @@ def _arch(name: str) -> None:
 
 
 def _eval_method(name: str) -> None:
-    """Registry check: a row of the evaluation table."""
-    if name not in EVAL_METHODS:
-        raise KeyError(f"unknown method {name!r}; choose from {list(EVAL_METHODS)}")
+    """Registry check: a row of the evaluation table (EVAL_METHODS, or <generated>+select)."""
+    if not is_method(name):
+        raise KeyError(f"unknown method {name!r}; choose from {list(EVAL_METHODS)} or <generated>+select")
 
 
-EVAL_METHODS = ("minimax", "diffusion", "random", "full", "distilled")
 SEED = dict(ge=0, lt=2**32)  # numpy's default_rng and torch.manual_seed both take these
 
 
@@ -99,6 +98,9 @@ class DataConfig(_Section):
     channels: Literal[1, 3] = opt(1, "1 keeps grayscale, 3 converts to RGB")
     max_per_class: int | None = opt(None, "keep the first N images of each class (sorted); None keeps all", ge=1)
     download: bool = opt(True, "fashion-mnist only: fall back to torchvision's downloader if the IDX files are missing")
+    val_per_class: int = opt(
+        0, "hold out this many train images per class (seeded) as a validation split: encode, random and full "
+        "never see them, and evaluate.split=val tests on them (what a search selects on)", ge=0)
     _section = "data"
 
     def _checks(self) -> None:
@@ -219,6 +221,16 @@ class FinetuneConfig(TrainConfig):
     class_dropout: float = opt(0.1, "label dropout kept on during fine-tuning (method.md §1.4)", ge=0, lt=1)
     _section = "finetune"
 
+    def variant(self, method: str) -> FinetuneConfig:
+        """This fine-tuning with the loss weights of an ablation row (everything else identical)."""
+        mm = self.minimax
+        weights = {"minimax": (mm.lambda_rep, mm.lambda_div), "finetune": (0.0, 0.0),
+                   "representativeness": (mm.lambda_rep, 0.0), "diversity": (0.0, mm.lambda_div)}
+        if method not in weights:
+            raise ConfigError(f"{method!r} is not a fine-tuned method; choose from {sorted(weights)}")
+        rep, div = weights[method]
+        return dataclasses.replace(self, minimax=dataclasses.replace(mm, lambda_rep=rep, lambda_div=div))
+
 
 @dataclass(frozen=True, kw_only=True)
 class SampleConfig(_Section):
@@ -241,7 +253,12 @@ class SampleConfig(_Section):
     decoder: str | None = opt(
         None, "VAE that decodes samples (paper: stabilityai/sd-vae-ft-mse); None uses encode.encoder", kind="uri",
     )
-    baseline: bool = opt(True, "also sample the un-fine-tuned backbone (the paper's 'DiT' column)")
+    baseline: bool = opt(True, "also sample the un-fine-tuned backbone (the paper's 'diffusion' row) even when "
+                               "evaluate.methods does not list it")
+    oversample: int = opt(
+        4, "<method>+select variants (beyond the paper, opt-in): draw oversample x ipc candidates per class and keep "
+        "the ipc that best cover the class's real latents (greedy facility location on centred cosines)", ge=1)
+    select_reference: int = opt(512, "+select: real latents per class that the selection covers", ge=1)
     seed: int = opt(0, "image k of class c uses derive_seed(seed, 'sample', c, k)", **SEED)
     num_actors: int = opt(0, "sampling actors; 0 sizes the pool from the cluster", ge=0)
     num_gpus_per_actor: float = opt(0.0, "GPUs per actor; 0.5 puts two actors on one GPU", ge=0, le=8)
@@ -256,9 +273,18 @@ class EvaluateConfig(_Section):
     protocol: Literal["hard", "soft"] = opt("hard", "hard: IDC one-hot recipe; soft: RDED teacher relabelling")
     methods: tuple[str, ...] = opt(
         ("minimax", "diffusion", "random"),
-        "rows of the table: minimax, diffusion (un-fine-tuned), random (real subset), full, distilled",
+        "rows of the table. Generated: minimax (the paper), finetune (same fine-tuning, both lambdas 0), "
+        "representativeness / diversity (one term only), diffusion (no fine-tuning), and <any of these>+select "
+        "(sample.oversample candidates, the best-covering ipc kept). Real: random (a random subset per seed), "
+        "full (the whole train split), distilled (evaluate.distilled)",
         registry=_eval_method, nonempty=True, unique=True,
     )
+    split: Literal["test", "val"] = opt(
+        "test", "where accuracy is measured: test, or val (data.val_per_class images held out of the train split; "
+        "what a hyperparameter search must select on)")
+    diagnostics: bool = opt(
+        True, "for every generated set: the teacher's accuracy on it (class fidelity) and precision / recall / "
+        "density / coverage against real train images in the teacher's feature space")
     distilled: str | None = opt(None, "an ImageFolder of distilled images from any method, evaluated as 'distilled'",
                                 kind="uri")
     archs: tuple[str, ...] = opt(("convnet",), "test networks from mmdist.models.classifiers (or timm:<name>)",
@@ -272,12 +298,18 @@ class EvaluateConfig(_Section):
     batch_size: int = opt(64, "train batch (IDC: 64)", ge=1)
     lr: float | None = opt(None, "None: the protocol's (hard SGD 0.01, soft AdamW 0.001)", gt=0)
     evals: int = opt(2, "test passes during training; the best and the last are reported", ge=1)
-    augment: bool = opt(True, "the protocol's augmentations and CutMix")
-    teacher: str | None = opt(None, "soft: a teacher checkpoint folder; None trains one on the real train split",
-                              kind="uri")
-    teacher_arch: str = opt("convnet", "soft: architecture of the teacher trained when none is given",
+    augment: Literal["auto", "idc", "dsa", "rded", "none"] = opt(
+        "auto",
+        "train-time augmentation, CutMix on top unless none. auto: dsa for <=64 px under hard (IDC's small-image "
+        "setting), idc (RandomResizedCrop + flip + colour jitter + lighting) for larger, rded (crop + flip) for soft",
+    )
+    teacher: str | None = opt(
+        None, "soft labels and diagnostics: a teacher folder made by mmdist, or a weights file (.safetensors, or a "
+        "torchvision/timm .pth state dict) of evaluate.teacher_arch; None trains one on the real train split",
+        kind="uri")
+    teacher_arch: str = opt("convnet", "architecture of the teacher (trained, or of the weights file given)",
                             registry=_arch)
-    teacher_epochs: int = opt(15, "soft: epochs of teacher training on the real train split", ge=1)
+    teacher_epochs: int = opt(15, "epochs of teacher training on the real train split", ge=1)
     temperature: float = opt(20.0, "soft: KL temperature (RDED: 20)", gt=0)
     cpus_per_trial: float | None = opt(None, "CPUs per trial; None fits one trial per CPU", gt=0)
     gpus_per_trial: float = opt(0.0, "GPUs per trial (fractions run several trials per GPU)", ge=0, le=8)
@@ -287,6 +319,30 @@ class EvaluateConfig(_Section):
     def _checks(self) -> None:
         _check("distilled" not in self.methods or bool(self.distilled), "evaluate.methods",
                "'distilled' needs evaluate.distilled (an ImageFolder)")
+
+
+# Rows of the evaluation. Generated sets come from a fine-tuned variant of the backbone (or the
+# backbone itself); the ablations differ from minimax only in the two loss weights.
+GENERATED_METHODS = ("minimax", "finetune", "representativeness", "diversity", "diffusion")
+FINETUNED_METHODS = ("minimax", "finetune", "representativeness", "diversity")
+REAL_METHODS = ("random", "full", "distilled")
+EVAL_METHODS = GENERATED_METHODS + REAL_METHODS
+SELECT = "+select"
+
+
+def base_method(method: str) -> str:
+    """The generated method a +select variant draws its candidates from (itself otherwise)."""
+    return method[: -len(SELECT)] if method.endswith(SELECT) else method
+
+
+def is_method(method: str) -> bool:
+    """A known row name: one of EVAL_METHODS or <generated method>+select."""
+    return method in EVAL_METHODS or (method.endswith(SELECT) and base_method(method) in GENERATED_METHODS)
+
+
+def is_generated(method: str) -> bool:
+    """Whether a row is a sampled set (and so has samples/<method>/)."""
+    return base_method(method) in GENERATED_METHODS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -323,26 +379,30 @@ class Config(_Section):
         _check(bool(self.name) and "/" not in self.name, "name", "must be non-empty without '/'")
         _check(self.encode.encoder == "identity" or self.data.channels == 3, "data.channels",
                "must be 3 when encode.encoder is a VAE (it takes RGB images)")
-        d, s = self.data, self.sample
+        d, s, e = self.data, self.sample, self.evaluate
         if d.classes is not None and s.classes is not None:
             unknown = [c for c in s.classes if c not in d.classes]
             _check(not unknown, "sample.classes", f"{unknown[0]!r} is not in data.classes" if unknown else "")
+        selects = [m for m in e.methods if m.endswith(SELECT)]
+        _check(not selects or s.oversample > 1, "sample.oversample",
+               f"must be > 1 for {selects[0] if selects else ''} (with 1 there is nothing to select from)")
+        _check(e.split == "test" or d.val_per_class > 0, "evaluate.split",
+               "val needs data.val_per_class > 0 (the images to hold out of the train split)")
+        big = [k for k in e.ipcs if k > s.ipc]
+        generated = [m for m in e.methods if is_generated(m)]
+        _check(not (big and generated), "evaluate.ipcs",
+               f"IPC {big[0] if big else ''} is larger than sample.ipc={s.ipc} (the generated sets' size)")
 
     def check_stages(self, stages: list[str] | tuple[str, ...]) -> None:
         """Checks across the stages about to run, before Ray starts (a run must not fail after hours).
 
-        Separate from construction: sampling IPC 5 alone is fine, evaluating IPC 10 of it is not.
+        Separate from construction: encoding or sampling with a small data.max_per_class is fine,
+        evaluating a random row of more images than that is not.
         """
-        d, s, e = self.data, self.sample, self.evaluate
+        d, e = self.data, self.evaluate
         if "evaluate" not in stages:
             return
         top = max(e.ipcs)
-        sampled = [m for m in e.methods if m in ("minimax", "diffusion")]
-        _check(not sampled or top <= s.ipc, "evaluate.ipcs",
-               f"IPC {top} is larger than sample.ipc={s.ipc}, the images sampled per class for {sampled[0]}"
-               if sampled else "")
-        _check("diffusion" not in e.methods or s.baseline, "evaluate.methods",
-               "the 'diffusion' row needs sample.baseline=true (the un-fine-tuned backbone's samples)")
         _check("random" not in e.methods or d.max_per_class is None or top <= d.max_per_class, "evaluate.ipcs",
                f"IPC {top} is larger than data.max_per_class={d.max_per_class}, the real images per class "
                "the random row draws from")

@@ -198,7 +198,7 @@ def test_evaluate_fingerprint_and_teacher_cache_cover_the_data(tmp_path):
 
     a = smoke_config(str(tmp_path), evaluate={"methods": ["random"], "protocol": "soft"})
     b = dataclasses.replace(a, data=dataclasses.replace(a.data, max_per_class=40))
-    assert artifacts.fingerprint(a, "evaluate", []) != artifacts.fingerprint(b, "evaluate", [])
+    assert evaluate.fingerprint(a, []) != evaluate.fingerprint(b, [])
     assert evaluate.teacher_cache(a, 16) != evaluate.teacher_cache(b, 16)
     distilled = tmp_path / "distilled" / "c"
     distilled.mkdir(parents=True)
