@@ -2,8 +2,9 @@
 
 The defaults *are* the embedded default: Fashion-MNIST in pixel space, the shipped small DiT,
 minimax fine-tuning, sampling and evaluation on a laptop. The paper's recipes (jobs/) derive
-from these with ``dataclasses.replace``. Every field carries its documentation in
-``metadata["doc"]``; the CLI prints it and a test checks it is there.
+from these with ``dataclasses.replace``. Every field is made by ``opt(default, doc, **checks)``
+(mmdist.fields): its documentation, range, finiteness, registry or kind live on the field, and
+every section enforces them when it is constructed; ``_checks`` methods hold what spans fields.
 """
 
 from __future__ import annotations
@@ -11,29 +12,44 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import yaml
 
 from mmdist.errors import ConfigError
-
-
-def opt(default: Any, doc: str) -> Any:
-    """A dataclass field with a default and its documentation."""
-    if isinstance(default, (list, dict, set)):
-        raise TypeError("use tuples for sequence defaults so configs stay hashable and frozen")
-    if dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: default, metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+from mmdist.fields import _show, check_fields, coerce, opt
 
 
 def _check(ok: bool, name: str, message: str) -> None:
-    """Raise a ConfigError naming the field when a check fails."""
+    """Raise a ConfigError naming the field when a cross-field check fails."""
     if not ok:
         raise ConfigError(f"{name}: {message}")
+
+
+def _dit_size(name: str) -> None:
+    """Registry check: a DiT size of mmdist.models.diffusion.DIT_SIZES."""
+    from mmdist.models.diffusion import DIT_SIZES
+
+    if name not in DIT_SIZES:
+        raise KeyError(f"unknown DiT size {name!r}; choose from {sorted(DIT_SIZES)}")
+
+
+def _arch(name: str) -> None:
+    """Registry check: a test network of mmdist.models.classifiers (or timm:<name>)."""
+    from mmdist.models.classifiers import check_arch
+
+    check_arch(name)
+
+
+def _eval_method(name: str) -> None:
+    """Registry check: a row of the evaluation table (EVAL_METHODS, or <generated>+select)."""
+    if not is_method(name):
+        raise KeyError(f"unknown method {name!r}; choose from {list(EVAL_METHODS)} or <generated>+select")
+
+
+SEED = dict(ge=0, lt=2**32)  # numpy's default_rng and torch.manual_seed both take these
 
 
 # ----------------------------------------------------------------------------------------------
@@ -41,8 +57,21 @@ def _check(ok: bool, name: str, message: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+class _Section:
+    """Base of every section: ``__post_init__`` enforces each field's declared checks, then ``_checks``."""
+
+    _section = ""  # the dotted name of this section in Config (for error messages)
+
+    def __post_init__(self) -> None:
+        check_fields(self, self._section)
+        self._checks()
+
+    def _checks(self) -> None:
+        """Checks across fields of this section (ranges are declared on the fields)."""
+
+
 @dataclass(frozen=True, kw_only=True)
-class DataConfig:
+class DataConfig(_Section):
     """Where the real images come from and how they are shaped."""
 
     source: Literal["fashion-mnist", "imagefolder", "parquet"] = opt(
@@ -53,74 +82,64 @@ class DataConfig:
     train: str = opt(
         "/usr/share/datasets/fashion-mnist",
         "train split: the IDX folder for fashion-mnist, an ImageFolder root or Parquet path/URI "
-        "(local or s3://)",
+        "(local or s3://)", kind="uri",
     )
-    test: str | None = opt(None, "test split (same kinds as train); fashion-mnist reads it from `train`")
+    test: str | None = opt(None, "test split (same kinds as train); fashion-mnist reads it from `train`", kind="uri")
     classes: tuple[str, ...] | None = opt(
-        None, "class names to keep, in label order (e.g. ImageWoof wnids); None keeps all, sorted"
+        None, "class names to keep, in label order (e.g. ImageWoof wnids); None keeps all, sorted",
+        kind="text", nonempty=True, unique=True,
     )
     model_class_ids: tuple[int, ...] | None = opt(
         None,
         "the backbone's class id for each kept class (ImageNet indices for DiT-XL/2); None means "
-        "0..K-1. method.md §1.2: conditioning on a wrong id silently ruins a run",
+        "0..K-1. method.md §1.2: conditioning on a wrong id silently ruins a run", ge=0, nonempty=True,
     )
-    image_size: int = opt(28, "square side in pixels after the ADM centre crop")
+    image_size: int = opt(28, "square side in pixels after the ADM centre crop", ge=8, le=4096)
     channels: Literal[1, 3] = opt(1, "1 keeps grayscale, 3 converts to RGB")
-    max_per_class: int | None = opt(None, "keep the first N images of each class (sorted); None keeps all")
+    max_per_class: int | None = opt(None, "keep the first N images of each class (sorted); None keeps all", ge=1)
     download: bool = opt(True, "fashion-mnist only: fall back to torchvision's downloader if the IDX files are missing")
     val_per_class: int = opt(
         0, "hold out this many train images per class (seeded) as a validation split: encode, random and full "
-        "never see them, and evaluate.split=val tests on them (what a search selects on)")
+        "never see them, and evaluate.split=val tests on them (what a search selects on)", ge=0)
+    _section = "data"
 
-    def __post_init__(self) -> None:
-        _check(self.image_size >= 8, "data.image_size", "must be at least 8")
-        _check(self.val_per_class >= 0, "data.val_per_class", "must be >= 0")
-        _check(self.max_per_class is None or self.max_per_class > 0, "data.max_per_class", "must be positive")
-        if self.classes is not None:
-            _check(len(self.classes) > 0, "data.classes", "must not be empty")
-            _check(len(set(self.classes)) == len(self.classes), "data.classes", "has duplicates")
+    def _checks(self) -> None:
         if self.model_class_ids is not None:
             _check(self.classes is not None and len(self.model_class_ids) == len(self.classes),
                    "data.model_class_ids", "needs data.classes of the same length")
-            _check(min(self.model_class_ids) >= 0, "data.model_class_ids", "must be non-negative")
 
 
 @dataclass(frozen=True, kw_only=True)
-class EncodeConfig:
+class EncodeConfig(_Section):
     """Images -> latent shards (Parquet) with Ray Data."""
 
     encoder: str = opt(
         "identity",
         "identity (pixel space, for tiny images) or an AutoencoderKL hub id / folder, "
-        "e.g. stabilityai/sd-vae-ft-ema (method.md §1.1: fine-tuning encodes with ft-EMA)",
+        "e.g. stabilityai/sd-vae-ft-ema (method.md §1.1: fine-tuning encodes with ft-EMA)", kind="uri",
     )
-    encoder_subfolder: str | None = opt(None, "subfolder of the VAE inside its repo (e.g. 'vae')")
-    scaling_factor: float | None = opt(None, "latent scale; None reads it from the VAE config (0.18215 for SD)")
-    shard_rows: int = opt(4096, "rows per Parquet shard; a shard is the unit of resume")
-    batch_size: int = opt(64, "images per encoder forward pass")
-    num_actors: int = opt(0, "encoder actors; 0 sizes the pool from the cluster's CPUs/GPUs")
-    num_gpus_per_actor: float = opt(0.0, "GPUs per encoder actor (fractions share a GPU)")
+    encoder_subfolder: str | None = opt(None, "subfolder of the VAE inside its repo (e.g. 'vae')", kind="uri")
+    scaling_factor: float | None = opt(None, "latent scale; None reads it from the VAE config (0.18215 for SD)",
+                                       gt=0)
+    shard_rows: int = opt(4096, "rows per Parquet shard; a shard is the unit of resume", ge=1)
+    batch_size: int = opt(64, "images per encoder forward pass", ge=1)
+    num_actors: int = opt(0, "encoder actors; 0 sizes the pool from the cluster's CPUs/GPUs", ge=0)
+    num_gpus_per_actor: float = opt(0.0, "GPUs per encoder actor (fractions share a GPU)", ge=0, le=8)
     dtype: Literal["float32", "float16"] = opt("float32", "storage dtype of latents")
     strict: bool = opt(False, "fail the run on any unreadable image or empty class instead of counting it")
-    seed: int = opt(0, "seed of the row shuffle across shards (every shard a uniform sample of the classes)")
-
-    def __post_init__(self) -> None:
-        _check(self.shard_rows > 0, "encode.shard_rows", "must be positive")
-        _check(self.batch_size > 0, "encode.batch_size", "must be positive")
-        _check(self.num_actors >= 0, "encode.num_actors", "must be >= 0")
-        _check(self.num_gpus_per_actor >= 0, "encode.num_gpus_per_actor", "must be >= 0")
-        _check(self.scaling_factor is None or self.scaling_factor > 0, "encode.scaling_factor", "must be > 0")
+    seed: int = opt(0, "seed of the row shuffle across shards (every shard a uniform sample of the classes)", **SEED)
+    _section = "encode"
 
 
 @dataclass(frozen=True, kw_only=True)
-class MinimaxConfig:
+class MinimaxConfig(_Section):
     """The two extra losses of Minimax Diffusion (method.md §1.6-1.7)."""
 
     representativeness: bool = opt(True, "use R_c = 1 - min cos(prediction, real memory)")
     diversity: bool = opt(True, "use V_c = max cos(prediction, prediction memory)")
-    lambda_rep: float = opt(0.002, "weight of R_c (paper --lambda-pos 0.002)")
-    lambda_div: float = opt(0.008, "weight of V_c (paper --lambda-neg 0.008)")
-    memory_size: int = opt(64, "entries per class in each memory (paper --memory-size 64)")
+    lambda_rep: float = opt(0.002, "weight of R_c (paper --lambda-pos 0.002)", ge=0)
+    lambda_div: float = opt(0.008, "weight of V_c (paper --lambda-neg 0.008)", ge=0)
+    memory_size: int = opt(64, "entries per class in each memory (paper --memory-size 64)", ge=1)
     memory_dtype: Literal["float32", "bfloat16"] = opt("float32", "storage dtype of the memories")
     center: Literal["none", "dataset_mean"] = opt(
         "dataset_mean",
@@ -128,11 +147,7 @@ class MinimaxConfig:
         "near 1 on the shared background (ray-notes calibration); SD latents are near-centred, "
         "so the paper recipes use none",
     )
-
-    def __post_init__(self) -> None:
-        _check(self.lambda_rep >= 0, "finetune.minimax.lambda_rep", "must be >= 0")
-        _check(self.lambda_div >= 0, "finetune.minimax.lambda_div", "must be >= 0")
-        _check(self.memory_size > 0, "finetune.minimax.memory_size", "must be positive")
+    _section = "finetune.minimax"
 
     @property
     def enabled(self) -> bool:
@@ -141,14 +156,15 @@ class MinimaxConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig:
+class TrainConfig(_Section):
     """What pretraining and fine-tuning share: the Ray Train loop and its optimiser."""
 
-    steps: int = opt(300, "optimiser steps")
-    global_batch_size: int = opt(64, "images per step summed over workers (paper: 8)")
-    lr: float = opt(1e-3, "AdamW learning rate, constant (paper: 1e-3)")
-    weight_decay: float = opt(0.0, "AdamW weight decay (paper: 0)")
-    ema_decay: float = opt(0.999, "EMA decay (its ceiling with ema_warmup); sampling uses the EMA weights")
+    steps: int = opt(300, "optimiser steps", ge=1)
+    global_batch_size: int = opt(64, "images per step summed over workers (paper: 8)", ge=1)
+    lr: float = opt(1e-3, "AdamW learning rate, constant (paper: 1e-3)", gt=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay (paper: 0)", ge=0)
+    ema_decay: float = opt(0.999, "EMA decay (its ceiling with ema_warmup); sampling uses the EMA weights",
+                           ge=0, lt=1)
     ema_warmup: bool = opt(
         True,
         "warm the EMA decay up as min(ema_decay, (1 + step) / (10 + step)) (diffusers' EMAModel): a short "
@@ -157,52 +173,35 @@ class TrainConfig:
     )
     hflip: bool = opt(True, "random horizontal flip of the latent (method.md §1.2 flips images)")
     mixed_precision: Literal["no", "bf16"] = opt("no", "bf16 autocast of the forward pass (GPU)")
-    num_workers: int = opt(1, "Ray Train workers (DDP ranks)")
+    num_workers: int = opt(1, "Ray Train workers (DDP ranks)", ge=1)
     use_gpu: bool = opt(False, "one GPU per worker")
-    cpus_per_worker: float | None = opt(None, "CPUs per worker; None sizes it from the cluster")
-    checkpoint_every: int = opt(100, "steps between checkpoints (resume points)")
-    log_every: int = opt(25, "steps between log lines")
-    max_failures: int = opt(2, "worker failures survived by restarting from the last checkpoint")
-    seed: int = opt(0, "global seed; rank r uses derive_seed(seed, stage, r)")
+    cpus_per_worker: float | None = opt(None, "CPUs per worker; None sizes it from the cluster", gt=0)
+    checkpoint_every: int = opt(100, "steps between checkpoints (resume points)", ge=1)
+    log_every: int = opt(25, "steps between log lines", ge=1)
+    max_failures: int = opt(2, "worker failures survived by restarting from the last checkpoint", ge=0)
+    seed: int = opt(0, "global seed; rank r uses derive_seed(seed, stage, r)", **SEED)
+    _section = "train"
 
-    def __post_init__(self) -> None:
-        _check(self.steps > 0, f"{self._section}.steps", "must be positive")
-        _check(self.global_batch_size > 0, f"{self._section}.global_batch_size", "must be positive")
-        _check(self.num_workers > 0, f"{self._section}.num_workers", "must be positive")
+    def _checks(self) -> None:
         _check(self.global_batch_size % self.num_workers == 0, f"{self._section}.global_batch_size",
                f"({self.global_batch_size}) must be divisible by num_workers ({self.num_workers})")
-        _check(self.lr > 0, f"{self._section}.lr", "must be positive")
-        _check(0 <= self.ema_decay < 1, f"{self._section}.ema_decay", "must be in [0, 1)")
-        _check(self.checkpoint_every > 0, f"{self._section}.checkpoint_every", "must be positive")
-        _check(self.log_every > 0, f"{self._section}.log_every", "must be positive")
-        _check(self.cpus_per_worker is None or self.cpus_per_worker > 0,
-               f"{self._section}.cpus_per_worker", "must be positive")
-
-    _section = "train"
 
 
 @dataclass(frozen=True, kw_only=True)
 class PretrainConfig(TrainConfig):
     """Train a class-conditional DiT from scratch on the latents (our own backbone)."""
 
-    model: str = opt("fashion-mnist", "DiT size from mmdist.models.diffusion.DIT_SIZES (has 'tiny')")
+    model: str = opt("fashion-mnist", "DiT size from mmdist.models.diffusion.DIT_SIZES (has 'tiny')",
+                     registry=_dit_size)
     learn_sigma: bool = opt(True, "predict the variance too (8 output channels on DiT-XL/2)")
-    class_dropout: float = opt(0.1, "label dropout for classifier-free guidance (DiT: 0.1)")
-    steps: int = opt(5000, "optimiser steps (the shipped backbone: 5000)")
-    global_batch_size: int = opt(128, "images per step")
-    lr: float = opt(1e-3, "AdamW learning rate")
-    ema_decay: float = opt(0.999, "EMA decay ceiling; the shipped weights are the EMA")
-    checkpoint_every: int = opt(500, "steps between checkpoints")
-    log_every: int = opt(100, "steps between log lines")
+    class_dropout: float = opt(0.1, "label dropout for classifier-free guidance (DiT: 0.1)", ge=0, lt=1)
+    steps: int = opt(5000, "optimiser steps (the shipped backbone: 5000)", ge=1)
+    global_batch_size: int = opt(128, "images per step", ge=1)
+    lr: float = opt(1e-3, "AdamW learning rate", gt=0)
+    ema_decay: float = opt(0.999, "EMA decay ceiling; the shipped weights are the EMA", ge=0, lt=1)
+    checkpoint_every: int = opt(500, "steps between checkpoints", ge=1)
+    log_every: int = opt(100, "steps between log lines", ge=1)
     _section = "pretrain"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(0 <= self.class_dropout < 1, "pretrain.class_dropout", "must be in [0, 1)")
-        from mmdist.models.diffusion import DIT_SIZES
-
-        _check(self.model in DIT_SIZES, "pretrain.model",
-               f"unknown DiT size {self.model!r}; choose from {sorted(DIT_SIZES)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,19 +211,15 @@ class FinetuneConfig(TrainConfig):
     backbone: str = opt(
         "embedded",
         "embedded (the shipped Fashion-MNIST DiT), pretrain (this run's pretrain stage), or a "
-        "DiTTransformer2DModel hub id / folder (facebook/DiT-XL-2-256 with subfolder transformer)",
+        "DiTTransformer2DModel hub id / folder (facebook/DiT-XL-2-256 with subfolder transformer)", kind="uri",
     )
-    backbone_subfolder: str | None = opt(None, "subfolder of the backbone inside its repo")
+    backbone_subfolder: str | None = opt(None, "subfolder of the backbone inside its repo", kind="uri")
     trainable: Literal["difffit", "full"] = opt(
         "difffit", "difffit: biases, scale factors in the first half of the blocks, class table (paper)"
     )
     minimax: MinimaxConfig = opt(MinimaxConfig(), "the minimax losses")
-    class_dropout: float = opt(0.1, "label dropout kept on during fine-tuning (method.md §1.4)")
+    class_dropout: float = opt(0.1, "label dropout kept on during fine-tuning (method.md §1.4)", ge=0, lt=1)
     _section = "finetune"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(0 <= self.class_dropout < 1, "finetune.class_dropout", "must be in [0, 1)")
 
     def variant(self, method: str) -> FinetuneConfig:
         """This fine-tuning with the loss weights of an ablation row (everything else identical)."""
@@ -238,49 +233,41 @@ class FinetuneConfig(TrainConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SampleConfig:
+class SampleConfig(_Section):
     """IPC images per class with classifier-free guidance, fanned out over Ray actors."""
 
-    ipc: int = opt(10, "images per class; smaller IPCs are the first k images of this generation")
-    classes: tuple[str, ...] | None = opt(None, "class names to sample; None samples every class")
-    batch_size: int = opt(32, "images per sampler forward pass within a class")
+    ipc: int = opt(10, "images per class; smaller IPCs are the first k images of this generation", ge=1, le=10_000)
+    classes: tuple[str, ...] | None = opt(None, "class names to sample; None samples every class",
+                                          kind="text", nonempty=True, unique=True)
+    batch_size: int = opt(32, "images per sampler forward pass within a class", ge=1)
     scheduler: Literal["ddpm", "ddim", "dpm"] = opt("ddpm", "ddpm: the paper's ancestral sampler with learned variance")
-    steps: int = opt(50, "sampling steps (paper: 50, respaced like ADM)")
+    steps: int = opt(50, "sampling steps (paper: 50, respaced like ADM)", ge=1, le=1000)
     guidance_scale: float = opt(
-        2.0, "classifier-free guidance scale (paper: 4.0 for DiT-XL/2; 2.0 measured best for the embedded DiT)"
+        2.0, "classifier-free guidance scale (paper: 4.0 for DiT-XL/2; 2.0 measured best for the embedded DiT); "
+        "1 disables guidance", ge=1,
     )
     guidance_channels: int | None = opt(
-        None, "guide only the first N latent channels (DiT and the paper: 3 of 4); None guides all"
+        None, "guide only the first N latent channels (DiT and the paper: 3 of 4); None guides all", ge=1,
     )
     use_ema: bool = opt(True, "sample from the EMA weights (method.md §1.10)")
     decoder: str | None = opt(
-        None, "VAE that decodes samples (paper: stabilityai/sd-vae-ft-mse); None uses encode.encoder"
+        None, "VAE that decodes samples (paper: stabilityai/sd-vae-ft-mse); None uses encode.encoder", kind="uri",
     )
     baseline: bool = opt(True, "also sample the un-fine-tuned backbone (the paper's 'diffusion' row) even when "
                                "evaluate.methods does not list it")
     oversample: int = opt(
         4, "<method>+select variants (beyond the paper, opt-in): draw oversample x ipc candidates per class and keep "
-        "the ipc that best cover the class's real latents (greedy facility location on centred cosines)")
-    select_reference: int = opt(512, "+select: real latents per class that the selection covers")
-    seed: int = opt(0, "image k of class c uses derive_seed(seed, 'sample', c, k)")
-    num_actors: int = opt(0, "sampling actors; 0 sizes the pool from the cluster")
-    num_gpus_per_actor: float = opt(0.0, "GPUs per actor; 0.5 puts two actors on one GPU")
+        "the ipc that best cover the class's real latents (greedy facility location on centred cosines)", ge=1)
+    select_reference: int = opt(512, "+select: real latents per class that the selection covers", ge=1)
+    seed: int = opt(0, "image k of class c uses derive_seed(seed, 'sample', c, k)", **SEED)
+    num_actors: int = opt(0, "sampling actors; 0 sizes the pool from the cluster", ge=0)
+    num_gpus_per_actor: float = opt(0.0, "GPUs per actor; 0.5 puts two actors on one GPU", ge=0, le=8)
     mixed_precision: Literal["no", "bf16", "fp16"] = opt("no", "autocast during sampling (GPU)")
-
-    def __post_init__(self) -> None:
-        _check(self.ipc > 0, "sample.ipc", "must be positive")
-        _check(self.batch_size > 0, "sample.batch_size", "must be positive")
-        _check(self.steps > 0, "sample.steps", "must be positive")
-        _check(self.guidance_scale >= 1.0, "sample.guidance_scale", "must be >= 1 (1 disables guidance)")
-        _check(self.num_actors >= 0, "sample.num_actors", "must be >= 0")
-        _check(self.guidance_channels is None or self.guidance_channels > 0, "sample.guidance_channels",
-               "must be positive")
-        _check(self.oversample >= 1, "sample.oversample", "must be >= 1 (candidates per kept image)")
-        _check(self.select_reference > 0, "sample.select_reference", "must be positive")
+    _section = "sample"
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvaluateConfig:
+class EvaluateConfig(_Section):
     """Train test networks on distilled sets and test on real data, as a Ray Tune grid."""
 
     protocol: Literal["hard", "soft"] = opt("hard", "hard: IDC one-hot recipe; soft: RDED teacher relabelling")
@@ -290,6 +277,7 @@ class EvaluateConfig:
         "representativeness / diversity (one term only), diffusion (no fine-tuning), and <any of these>+select "
         "(sample.oversample candidates, the best-covering ipc kept). Real: random (a random subset per seed), "
         "full (the whole train split), distilled (evaluate.distilled)",
+        registry=_eval_method, nonempty=True, unique=True,
     )
     split: Literal["test", "val"] = opt(
         "test", "where accuracy is measured: test, or val (data.val_per_class images held out of the train split; "
@@ -297,15 +285,19 @@ class EvaluateConfig:
     diagnostics: bool = opt(
         True, "for every generated set: the teacher's accuracy on it (class fidelity) and precision / recall / "
         "density / coverage against real train images in the teacher's feature space")
-    distilled: str | None = opt(None, "an ImageFolder of distilled images from any method, evaluated as 'distilled'")
-    archs: tuple[str, ...] = opt(("convnet",), "test networks from mmdist.models.classifiers (or timm:<name>)")
-    ipcs: tuple[int, ...] = opt((10,), "images per class to evaluate")
-    seeds: tuple[int, ...] = opt((0, 1), "one trial per seed; the table shows mean ± std")
-    epochs: int | None = opt(100, "training epochs; None follows the recipe (hard: 2000/1500/1000 by IPC)")
-    resolution: int | None = opt(None, "evaluation resolution (paper: 224 for 256 px data); None = data.image_size")
-    batch_size: int = opt(64, "train batch (IDC: 64)")
-    lr: float | None = opt(None, "None: the protocol's (hard SGD 0.01, soft AdamW 0.001)")
-    evals: int = opt(2, "test passes during training; the best and the last are reported")
+    distilled: str | None = opt(None, "an ImageFolder of distilled images from any method, evaluated as 'distilled'",
+                                kind="uri")
+    archs: tuple[str, ...] = opt(("convnet",), "test networks from mmdist.models.classifiers (or timm:<name>)",
+                                 registry=_arch, nonempty=True, unique=True)
+    ipcs: tuple[int, ...] = opt((10,), "images per class to evaluate", ge=1, le=10_000, nonempty=True, unique=True)
+    seeds: tuple[int, ...] = opt((0, 1), "one trial per seed; the table shows mean ± std", nonempty=True,
+                                 unique=True, **SEED)
+    epochs: int | None = opt(100, "training epochs; None follows the recipe (hard: 2000/1500/1000 by IPC)", ge=1)
+    resolution: int | None = opt(None, "evaluation resolution (paper: 224 for 256 px data); None = data.image_size",
+                                 ge=8, le=4096)
+    batch_size: int = opt(64, "train batch (IDC: 64)", ge=1)
+    lr: float | None = opt(None, "None: the protocol's (hard SGD 0.01, soft AdamW 0.001)", gt=0)
+    evals: int = opt(2, "test passes during training; the best and the last are reported", ge=1)
     augment: Literal["auto", "idc", "dsa", "rded", "none"] = opt(
         "auto",
         "train-time augmentation, CutMix on top unless none. auto: dsa for <=64 px under hard (IDC's small-image "
@@ -313,35 +305,20 @@ class EvaluateConfig:
     )
     teacher: str | None = opt(
         None, "soft labels and diagnostics: a teacher folder made by mmdist, or a weights file (.safetensors, or a "
-        "torchvision/timm .pth state dict) of evaluate.teacher_arch; None trains one on the real train split")
-    teacher_arch: str = opt("convnet", "architecture of the teacher (trained, or of the weights file given)")
-    teacher_epochs: int = opt(15, "epochs of teacher training on the real train split")
-    temperature: float = opt(20.0, "soft: KL temperature (RDED: 20)")
-    cpus_per_trial: float | None = opt(None, "CPUs per trial; None fits one trial per CPU")
-    gpus_per_trial: float = opt(0.0, "GPUs per trial (fractions run several trials per GPU)")
-    max_failures: int = opt(2, "retries of a failed trial")
+        "torchvision/timm .pth state dict) of evaluate.teacher_arch; None trains one on the real train split",
+        kind="uri")
+    teacher_arch: str = opt("convnet", "architecture of the teacher (trained, or of the weights file given)",
+                            registry=_arch)
+    teacher_epochs: int = opt(15, "epochs of teacher training on the real train split", ge=1)
+    temperature: float = opt(20.0, "soft: KL temperature (RDED: 20)", gt=0)
+    cpus_per_trial: float | None = opt(None, "CPUs per trial; None fits one trial per CPU", gt=0)
+    gpus_per_trial: float = opt(0.0, "GPUs per trial (fractions run several trials per GPU)", ge=0, le=8)
+    max_failures: int = opt(2, "retries of a failed trial", ge=0)
+    _section = "evaluate"
 
-    def __post_init__(self) -> None:
-        _check(len(self.methods) > 0, "evaluate.methods", "must not be empty")
-        bad = [m for m in self.methods if not is_method(m)]
-        _check(not bad, "evaluate.methods",
-               f"unknown {bad}; choose from {list(EVAL_METHODS)} or <generated>+select")
-        _check(len(set(self.methods)) == len(self.methods), "evaluate.methods", "has duplicates")
-        _check(self.teacher_epochs > 0, "evaluate.teacher_epochs", "must be positive")
-        _check(len(self.archs) > 0, "evaluate.archs", "must not be empty")
-        from mmdist.models.classifiers import check_arch
-
-        for arch in self.archs:
-            try:
-                check_arch(arch)
-            except KeyError as e:
-                raise ConfigError(f"evaluate.archs: {e.args[0]}") from None
-        _check(len(self.ipcs) > 0 and min(self.ipcs) > 0, "evaluate.ipcs", "must be positive")
-        _check(len(self.seeds) > 0, "evaluate.seeds", "must not be empty")
-        _check(self.epochs is None or self.epochs > 0, "evaluate.epochs", "must be positive")
-        _check(self.batch_size > 0, "evaluate.batch_size", "must be positive")
-        _check(self.evals > 0, "evaluate.evals", "must be positive")
-        _check(self.temperature > 0, "evaluate.temperature", "must be positive")
+    def _checks(self) -> None:
+        _check("distilled" not in self.methods or bool(self.distilled), "evaluate.methods",
+               "'distilled' needs evaluate.distilled (an ImageFolder)")
 
 
 # Rows of the evaluation. Generated sets come from a fine-tuned variant of the backbone (or the
@@ -369,22 +346,23 @@ def is_generated(method: str) -> bool:
 
 
 @dataclass(frozen=True, kw_only=True)
-class RayConfig:
+class RayConfig(_Section):
     """How to reach (or start) the Ray cluster."""
 
-    address: str | None = opt(None, "cluster address; None uses RAY_ADDRESS or starts a local cluster")
-    num_cpus: int | None = opt(None, "CPUs of a local cluster; None uses all")
-    num_gpus: int | None = opt(None, "GPUs of a local cluster; None detects them")
+    address: str | None = opt(None, "cluster address; None uses RAY_ADDRESS or starts a local cluster", kind="uri")
+    num_cpus: int | None = opt(None, "CPUs of a local cluster; None uses all", ge=1)
+    num_gpus: int | None = opt(None, "GPUs of a local cluster; None detects them", ge=0)
+    _section = "ray"
 
 
 @dataclass(frozen=True, kw_only=True)
-class Config:
+class Config(_Section):
     """A whole run: data -> encode -> (pretrain) -> finetune -> sample -> evaluate."""
 
-    name: str = opt("fashion-mnist", "run name, used in logs and folder names")
-    output: str = opt("runs/fashion-mnist", "artifact root: a local folder or s3://bucket/prefix")
+    name: str = opt("fashion-mnist", "run name, used in logs and folder names", kind="text")
+    output: str = opt("runs/fashion-mnist", "artifact root: a local folder or s3://bucket/prefix", kind="uri")
     latents: str | None = opt(
-        None, "finished latent shards to train on (skips encode); None uses <output>/latents"
+        None, "finished latent shards to train on (skips encode); None uses <output>/latents", kind="uri",
     )
     overwrite: bool = opt(False, "redo stages whose artifacts were made by a different config")
     data: DataConfig = opt(DataConfig(), "real data")
@@ -395,21 +373,39 @@ class Config:
     evaluate: EvaluateConfig = opt(EvaluateConfig(), "evaluation stage")
     ray: RayConfig = opt(RayConfig(), "Ray cluster")
 
-    def __post_init__(self) -> None:
+    def _checks(self) -> None:
+        """Checks across sections: everything a later stage would find out after hours of work."""
         _check(bool(self.output), "output", "must not be empty")
         _check(bool(self.name) and "/" not in self.name, "name", "must be non-empty without '/'")
         _check(self.encode.encoder == "identity" or self.data.channels == 3, "data.channels",
                "must be 3 when encode.encoder is a VAE (it takes RGB images)")
-        _check(self.sample.ipc <= 10_000, "sample.ipc", "must be at most 10000")
-        selects = [m for m in self.evaluate.methods if m.endswith(SELECT)]
-        _check(not selects or self.sample.oversample > 1, "sample.oversample",
+        d, s, e = self.data, self.sample, self.evaluate
+        if d.classes is not None and s.classes is not None:
+            unknown = [c for c in s.classes if c not in d.classes]
+            _check(not unknown, "sample.classes", f"{unknown[0]!r} is not in data.classes" if unknown else "")
+        selects = [m for m in e.methods if m.endswith(SELECT)]
+        _check(not selects or s.oversample > 1, "sample.oversample",
                f"must be > 1 for {selects[0] if selects else ''} (with 1 there is nothing to select from)")
-        _check(self.evaluate.split == "test" or self.data.val_per_class > 0, "evaluate.split",
+        _check(e.split == "test" or d.val_per_class > 0, "evaluate.split",
                "val needs data.val_per_class > 0 (the images to hold out of the train split)")
-        big = [k for k in self.evaluate.ipcs if k > self.sample.ipc]
-        generated = [m for m in self.evaluate.methods if is_generated(m)]
+        big = [k for k in e.ipcs if k > s.ipc]
+        generated = [m for m in e.methods if is_generated(m)]
         _check(not (big and generated), "evaluate.ipcs",
-               f"IPC {big[0] if big else ''} is larger than sample.ipc={self.sample.ipc} (the generated sets' size)")
+               f"IPC {big[0] if big else ''} is larger than sample.ipc={s.ipc} (the generated sets' size)")
+
+    def check_stages(self, stages: list[str] | tuple[str, ...]) -> None:
+        """Checks across the stages about to run, before Ray starts (a run must not fail after hours).
+
+        Separate from construction: encoding or sampling with a small data.max_per_class is fine,
+        evaluating a random row of more images than that is not.
+        """
+        d, e = self.data, self.evaluate
+        if "evaluate" not in stages:
+            return
+        top = max(e.ipcs)
+        _check("random" not in e.methods or d.max_per_class is None or top <= d.max_per_class, "evaluate.ipcs",
+               f"IPC {top} is larger than data.max_per_class={d.max_per_class}, the real images per class "
+               "the random row draws from")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict; ``Config.from_dict`` inverts it."""
@@ -440,67 +436,16 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def _coerce(tp: Any, value: Any, name: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; convert lists to tuples and ints to floats."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(option, value, name)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{name}: {value!r} matches none of {options}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{name}: {value!r} is not one of {list(choices)}")
-        return value
-    if origin is tuple:
-        (item_tp, _ellipsis) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
-        return tuple(_coerce(item_tp, v, f"{name}[{i}]") for i, v in enumerate(value))
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
-        return from_dict(tp, value, prefix=f"{name}.")
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config annotation {tp} for {name}")
-
-
 def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from ``raw``, naming the field of any error."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted((k if isinstance(k, str) and k.isidentifier() else _show(k)) for k in raw if k not in fields)
     if unknown:
         raise ConfigError(f"{prefix}{unknown[0]}: unknown field (known: {', '.join(sorted(fields))})")
-    kwargs = {k: _coerce(hints[k], v, f"{prefix}{k}") for k, v in raw.items()}
+    kwargs = {k: coerce(hints[k], v, f"{prefix}{k}", from_dict) for k, v in raw.items()}
     return cls(**kwargs)
 
 

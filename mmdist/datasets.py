@@ -27,6 +27,7 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
+MAX_ASPECT = 64  # a 1 x 100000 strip would be resized to 28 x 2.8M pixels by the centre crop
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 _IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -177,7 +178,6 @@ def _scan_imagefolder(root: str) -> dict[str, list[Item]]:
 
 def _scan_parquet(root: str) -> dict[str, list[Item]]:
     """Parquet files with image bytes + class name columns -> {class: items}."""
-    import pyarrow.parquet as pq
 
     fs, path = storage.filesystem(root)
     files = [path] if fs.isfile(path) else sorted(f for f in fs.find(path) if f.endswith(".parquet"))
@@ -186,8 +186,7 @@ def _scan_parquet(root: str) -> dict[str, list[Item]]:
     prefix = root.split("://")[0] + "://" if storage.is_remote(root) else ""
     found: dict[str, list[Item]] = {}
     for f in files:
-        with fs.open(f, "rb") as fh:
-            table = pq.read_table(fh, columns=[schema.CLASS_NAME])
+        table = _read_column(fs, f, schema.CLASS_NAME)
         for row, name in enumerate(table.column(schema.CLASS_NAME).to_pylist()):
             found.setdefault(str(name), []).append(Item(f"{posixpath.basename(f)}:{row}", str(name), -1,
                                                         uri=prefix + f, row=row))
@@ -263,6 +262,8 @@ def decode_image(data: bytes, size: int, channels: int) -> np.ndarray:
         raise DataError("zero-byte file")
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if max(im.size) > MAX_ASPECT * min(im.size):  # a small file the crop would scale up enormously
+                raise DataError(f"aspect ratio {im.size[0]}x{im.size[1]} is beyond {MAX_ASPECT}:1")
             im.load()
             image = to_mode(im, channels)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
@@ -279,11 +280,24 @@ def _shape(image: Image.Image, channels: int) -> np.ndarray:
 @lru_cache(maxsize=2)
 def _parquet_images(uri: str) -> list[bytes]:
     """The image-bytes column of one Parquet file (cached: shards read consecutive rows)."""
-    import pyarrow.parquet as pq
 
     fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as fh:
-        return pq.read_table(fh, columns=[schema.IMAGE_BYTES]).column(schema.IMAGE_BYTES).to_pylist()
+    return _read_column(fs, path, schema.IMAGE_BYTES).column(schema.IMAGE_BYTES).to_pylist()
+
+
+def _read_column(fs: object, path: str, column: str) -> object:
+    """One column of a Parquet file as a table; DataError if the file is not Parquet or lacks it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with fs.open(path, "rb") as fh:
+            return pq.read_table(fh, columns=[column])
+    except (pa.ArrowException, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise DataError(f"{path}: not a Parquet file with a {column!r} column "
+                        f"({storage.short_error(e)})") from None
 
 
 def load_item(cfg: DataConfig, item: Item, split: str = "train") -> np.ndarray:

@@ -152,8 +152,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                                  weight_decay=tcfg.weight_decay, objective=objective)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as folder:
-            training.load_checkpoint(state, folder)
+        _resume(state, checkpoint, rank)
         # a resumed rank draws fresh randomness that depends only on where it resumed
         torch.manual_seed(derive_seed(tcfg.seed, stage, rank, state.step))
     training.to_device(state, device)
@@ -210,6 +209,34 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 break
     if bar:
         bar.close()
+
+
+def _resume(state: training.TrainState, latest: Any, rank: int) -> None:
+    """Restore Ray Train's latest checkpoint or, if it is corrupt, the newest readable older one.
+
+    A corrupt latest checkpoint (a truncated upload, a full disk) would otherwise fail every
+    restart the same way and block the stage for good. Every rank sees the same folders, so all
+    ranks fall back to the same checkpoint.
+    """
+    import posixpath
+
+    import pyarrow.fs as pafs
+    import ray.train
+
+    fs, path = latest.filesystem, latest.path.rstrip("/")
+    siblings = fs.get_file_info(pafs.FileSelector(posixpath.dirname(path)))
+    older = sorted((i.path for i in siblings if i.type == pafs.FileType.Directory
+                    and posixpath.basename(i.path).startswith("checkpoint_") and i.path < path), reverse=True)
+    for folder in (path, *older):
+        with ray.train.Checkpoint(folder, fs).as_directory() as local:
+            try:
+                training.load_checkpoint(state, local)
+                return
+            except training.CorruptCheckpoint as e:  # another model is an ArtifactError: not skipped
+                if rank == 0:
+                    log.warning("%s; resuming from an older checkpoint", e)
+    if rank == 0:
+        log.warning("no readable checkpoint: %s starts again from step 0", posixpath.dirname(path))
 
 
 def _report_checkpoint(state: training.TrainState, rank: int, stage: str) -> None:
@@ -321,7 +348,7 @@ def _slim(latents: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_shards(latents_dir: str, latents: dict[str, Any]) -> None:
-    """Every listed shard exists, has the manifest's latent shape and no NaN/Inf rows (footers only)."""
+    """Every listed shard exists and has the manifest's latent shape (footers only)."""
     from mmdist.shards import read_shard_meta
 
     for rel in latents["shards"]:
@@ -331,8 +358,6 @@ def check_shards(latents_dir: str, latents: dict[str, Any]) -> None:
         if meta["tensor_shape"] != list(latents["latent_shape"]):
             raise ArtifactError(f"{latents_dir}: shard {rel} has latent shape {meta['tensor_shape']}, "
                                 f"the manifest says {latents['latent_shape']} (shards of mixed shapes)")
-        if meta.get("nonfinite_rows", 0):
-            raise ArtifactError(f"{latents_dir}: shard {rel} has {meta['nonfinite_rows']} rows with NaN/Inf latents")
 
 
 def check_against_model(cfg: Config, stage: str, latents: dict[str, Any]) -> None:

@@ -69,9 +69,10 @@ class ShardEncoder:
         # cast before the check: a float16 shard overflows to Inf beyond 65504
         dtype = np.float16 if cfg.encode.dtype == "float16" else np.float32
         mean, std = mean.astype(dtype), (None if std is None else std.astype(dtype))
-        finite = np.isfinite(mean.reshape(len(mean), -1)).all(1)
+        flat = (len(mean), int(np.prod(shape)))  # explicit: a shard whose images were all skipped has 0 rows
+        finite = np.isfinite(mean.reshape(flat)).all(1)
         if std is not None:
-            finite &= np.isfinite(std.reshape(len(std), -1)).all(1)
+            finite &= np.isfinite(std.reshape(flat)).all(1)
         for it in (k for k, ok in zip(kept, finite) if not ok):
             skipped.append({"source_id": it.source_id, "class": it.class_name, "reason": "non-finite latent"})
         kept = [k for k, ok in zip(kept, finite) if ok]
@@ -81,7 +82,7 @@ class ShardEncoder:
             counts[it.class_name] = counts.get(it.class_name, 0) + 1
         meta = {
             "fingerprint": self.fp, "items": items_hash(items), "rows": len(kept), "counts": counts, "skipped": skipped,
-            "nonfinite_rows": 0, "shape": shape,
+            "nonfinite_dropped": int((~finite).sum()), "shape": shape,
             "sum": shards.encode_vector(mean.astype(np.float64).sum(0).ravel()),
         }
         shards.write_shard(
@@ -171,7 +172,8 @@ def main(cfg: Config) -> dict[str, Any]:
         model_class_ids=list(cfg.data.model_class_ids or range(len(train.classes))),
         latent_shape=shape, dtype=cfg.encode.dtype, encoder=cfg.encode.encoder,
         scaling_factor=encoder_scale, deterministic=cfg.encode.encoder == "identity",
-        skipped=skipped, problems=problems, nonfinite_rows=sum(m["nonfinite_rows"] for m in metas.values()),
+        skipped=skipped, problems=problems,
+        nonfinite_dropped=sum(m.get("nonfinite_dropped", 0) for m in metas.values()),
         wall_seconds=round(wall, 2), accelerator_seconds=round(wall * gpus, 2),
     )
 

@@ -240,6 +240,14 @@ def check_teacher(cfg: Config) -> dict[str, Any]:
     return state
 
 
+def teacher_cache(cfg: Config, res: int) -> str:
+    """Where a teacher trained for ``cfg`` is cached, keyed by what it learns from: architecture,
+    resolution, epochs and the data."""
+    e = cfg.evaluate
+    return storage.join(cfg.output, "teacher", f"{e.teacher_arch.replace(':', '_')}-{res}px-{e.teacher_epochs}ep-"
+                                               f"{cfg.fingerprint('data')[:8]}")
+
+
 def teacher_state(cfg: Config, test: tuple[np.ndarray, np.ndarray], res: int) -> dict[str, Any]:
     """``evaluate.teacher``, or one trained on the real train split (cached under <output>/teacher)."""
     from safetensors.numpy import load as load_tensors
@@ -248,9 +256,7 @@ def teacher_state(cfg: Config, test: tuple[np.ndarray, np.ndarray], res: int) ->
     e = cfg.evaluate
     if e.teacher:
         return check_teacher(cfg)
-    # the cache key covers what the teacher learns from: architecture, resolution, epochs and the data
-    folder = storage.join(cfg.output, "teacher", f"{e.teacher_arch.replace(':', '_')}-{res}px-{e.teacher_epochs}ep-"
-                                                 f"{cfg.fingerprint('data')[:8]}")
+    folder = teacher_cache(cfg, res)
     weights_uri = storage.join(folder, "model.safetensors")
     if storage.exists(storage.join(folder, schema.MANIFEST)):
         meta = storage.read_json(storage.join(folder, schema.MANIFEST))
@@ -313,6 +319,8 @@ def main(cfg: Config) -> dict[str, Any]:
     upstream = []
     if any(is_generated(m) for m in e.methods):
         upstream.append(artifacts.require(artifacts.stage_dir(cfg, "sample"), "sample"))
+    if "distilled" in e.methods:
+        upstream.append(artifacts.folder_fingerprint(e.distilled))
     folder = artifacts.stage_dir(cfg, "evaluate")
     fp = fingerprint(cfg, upstream)
     done = artifacts.existing(folder, "evaluate", fp, cfg, cfg.overwrite)
@@ -322,6 +330,7 @@ def main(cfg: Config) -> dict[str, Any]:
             set(map(str, diag_keys)) <= {str((d["method"], d["ipc"])) for d in done.get("diagnostics", [])}:
         log.info("evaluate: %s is complete, skipping", folder)
         return done
+    artifacts.lease(folder, "evaluate")  # also when adding rows to a finished evaluation (no-op if held)
     if e.teacher:
         check_teacher(cfg)
     start = time.time()

@@ -30,6 +30,7 @@ def planned_stages(cfg: Config) -> list[str]:
 def main(cfg: Config, stages: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Run the (selected) stages; print a per-stage cost summary at the end."""
     todo = [s for s in planned_stages(cfg) if stages is None or s in stages]
+    cfg.check_stages(todo)
     if "evaluate" in todo and cfg.evaluate.teacher:
         from mmdist.evaluate import check_teacher
 

@@ -95,6 +95,9 @@ class ClassSampler:
                 data = png_bytes(img)
                 storage.write_bytes(storage.join(self.folder, "images", safe, f"{k:05d}.png"), data)
                 pngs.append(data)
+        # a published class folder holds exactly its images: not a killed writer's temp file, nor
+        # images past IPC from an earlier, larger run
+        storage.keep_only(storage.join(self.folder, "images", safe), {f"{k:05d}.png" for k in range(s.ipc)})
         _write_class_parquet(storage.join(self.folder, "parquet", f"{safe}.parquet"), pngs, label, name)
         storage.write_bytes(storage.join(self.folder, "grids", f"{safe}.png"),
                             png_bytes(grid([decode_png(p) for p in pngs[:64]], cols=8)))

@@ -30,6 +30,10 @@ def shard_name(index: int) -> str:
 
 def _tensor_column(array: np.ndarray) -> pa.Array:
     """[N, C, H, W] numpy -> a fixed-shape tensor column (round-trips through Ray Data)."""
+    if len(array) == 0:  # every image of the shard was skipped: Arrow builds no tensor from nothing
+        value = pa.from_numpy_dtype(array.dtype)
+        kind = pa.fixed_shape_tensor(value, array.shape[1:])
+        return pa.ExtensionArray.from_storage(kind, pa.array([], pa.list_(value, int(np.prod(array.shape[1:])))))
     return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(array))
 
 
@@ -61,28 +65,53 @@ def write_shard(uri: str, *, mean: np.ndarray, std: np.ndarray | None, labels: n
 
 
 def read_shard_meta(uri: str) -> dict[str, Any] | None:
-    """The metadata of a finished shard, or None if it is missing or unreadable.
+    """The metadata of a finished shard, or None if it is missing, truncated or not ours.
 
     ``tensor_shape`` is the latent shape the Parquet schema itself declares (footer only), so a
-    shard from another encode cannot pass on its metadata alone.
+    shard from another encode cannot pass on its metadata alone. Only the footer is read. A
+    storage failure is not "missing": it raises (an ArtifactError naming the URI), so a resumed
+    encode never redoes good shards, nor a check passes, because the store was briefly away.
     """
-    fs, path = storage.filesystem(uri)
     try:
-        with fs.open(path, "rb") as f:
-            file_schema = pq.read_schema(f)
+        footer = _footer(uri)
+    except FileNotFoundError:
+        return None
+    if footer is None:
+        return None
+    try:
+        file_schema = pq.read_schema(pa.BufferReader(footer))
         meta = json.loads((file_schema.metadata or {})[_META_KEY])
-    except (FileNotFoundError, KeyError, OSError, pa.ArrowInvalid, json.JSONDecodeError):
+    except (KeyError, OSError, ValueError, TypeError, pa.ArrowException):  # JSONDecodeError is a ValueError
+        return None
+    if not isinstance(meta, dict):
         return None
     column = file_schema.field(schema.LATENT_MEAN).type if schema.LATENT_MEAN in file_schema.names else None
     meta["tensor_shape"] = list(column.shape) if isinstance(column, pa.FixedShapeTensorType) else None
     return meta
 
 
+def _footer(uri: str) -> bytes | None:
+    """A minimal Parquet file holding only ``uri``'s footer (schema and key-value metadata), or None."""
+    with storage.open_read(uri) as f:
+        size = f.seek(0, 2)
+        if size < 12:
+            return None
+        f.seek(size - 8)
+        tail = f.read(8)
+        length = int.from_bytes(tail[:4], "little")
+        if tail[4:] != b"PAR1" or length + 12 > size:
+            return None
+        f.seek(size - 8 - length)
+        return b"PAR1" + f.read(length) + tail
+
+
 def read_shard(uri: str) -> dict[str, np.ndarray]:
-    """All columns of a shard as numpy arrays (tensors as [N, C, H, W])."""
-    fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f)
+    """All columns of a shard as numpy arrays (tensors as [N, C, H, W]); ArtifactError if unreadable."""
+    data = storage.read_bytes(uri)
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (OSError, pa.ArrowException) as e:
+        raise ArtifactError(f"{storage.redact(uri)}: not a readable Parquet shard ({storage.short_error(e)})") from None
     out = {}
     for name in table.column_names:
         col = table.column(name).combine_chunks()
@@ -106,10 +135,11 @@ def load_manifest(folder: str, kind: str) -> dict[str, Any]:
 
 def check_latents(manifest: dict[str, Any], *, shape: tuple[int, ...] | None = None,
                   num_model_classes: int | None = None, class_ids: list[int] | None = None) -> None:
-    """Refuse latents that cannot train the model: shape, label range, NaN/Inf rows."""
-    if manifest.get("nonfinite_rows", 0):
-        raise ArtifactError(f"latent shards contain {manifest['nonfinite_rows']} rows with NaN/Inf values; "
-                            "re-encode the data (a broken VAE or input images)")
+    """Refuse latents that cannot train the model: shape, label range.
+
+    Non-finite latents never reach a shard (encode drops and counts them as ``nonfinite_dropped``);
+    one in a shard written by another tool stops training at its first step (``train_step``).
+    """
     got = tuple(manifest["latent_shape"])
     if shape is not None and got != tuple(shape):
         raise ArtifactError(f"latent shape {list(got)} does not match the model's input {list(shape)} "

@@ -1,9 +1,12 @@
 """Local folders and object storage (s3://) behind one small set of functions.
 
-Everything goes through fsspec (s3fs for s3://), which reads the standard AWS settings:
-AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, instance roles. Writes
-are atomic: a local file is written beside its target and renamed; an S3 object appears whole
-when its single PUT completes. Artifacts are published by writing their manifest last.
+Everything goes through fsspec (s3fs for s3://, gcsfs for gs://), which reads each service's
+standard settings and credential chain (for S3: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_PROFILE,
+instance roles). Retries are the client's own: every S3 call retries through botocore's retry
+configuration (``retry_config``), not a loop of ours. Errors become one ArtifactError line that
+names the URI without credentials. Writes are atomic: a local file is written to a hidden
+temporary file beside its target and renamed; an object appears whole when its single PUT
+completes. Artifacts are published by writing their manifest last.
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ import json
 import os
 import posixpath
 import re
-import time
 import unicodedata
+import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
@@ -32,6 +35,31 @@ def is_remote(uri: str) -> bool:
     return bool(_REMOTE.match(uri)) and not uri.startswith("file://")
 
 
+_SIGNED_QUERY = re.compile(r"(^|&)(x-amz-(credential|signature|security-token)|sig|signature|token|"
+                           r"access_?key|secret|password)=", re.I)
+
+
+def credentials_in(uri: str) -> str | None:
+    """Where a URI carries credentials ('user info' before '@', or a signed 'query'), else None."""
+    if "://" not in uri:
+        return None
+    parts = urllib.parse.urlsplit(uri)
+    if "@" in parts.netloc:
+        return "user info"
+    if _SIGNED_QUERY.search(parts.query):
+        return "query"
+    return None
+
+
+def redact(uri: str) -> str:
+    """``uri`` without user info or query, for log lines and error messages."""
+    if "://" not in uri:
+        return uri
+    parts = urllib.parse.urlsplit(uri)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
 def join(root: str, *parts: str) -> str:
     """Join path parts with '/' for URLs and the OS separator for local paths."""
     if is_remote(root):
@@ -41,54 +69,63 @@ def join(root: str, *parts: str) -> str:
 
 @contextlib.contextmanager
 def _storage_errors(uri: str) -> Iterator[None]:
-    """Turn client errors into one clear line that names the URI (never the credentials)."""
+    """Turn client errors into one clear line that names the URI (never its credentials).
+
+    The storage client has already retried what its retry configuration calls transient; what
+    reaches here is final. A missing file stays a FileNotFoundError for callers that expect it.
+    """
+    where = redact(uri)
     try:
         yield
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError):
         raise
     except PermissionError as e:
-        raise ArtifactError(f"{uri}: permission denied ({_short(e)})") from None
+        raise ArtifactError(f"{where}: permission denied ({short_error(e)})") from None
     except OSError as e:
-        raise ArtifactError(f"{uri}: storage error ({_short(e)})") from None
-    except Exception as e:  # botocore / aiohttp errors do not share a base class with OSError
+        raise ArtifactError(f"{where}: storage error ({short_error(e)})") from None
+    except Exception as e:  # botocore / aiohttp / google-auth errors share no base class with OSError
         name = type(e).__name__
-        if name in {"NoCredentialsError", "PartialCredentialsError"}:
-            raise ArtifactError(f"{uri}: no credentials found (set AWS_PROFILE or AWS_ACCESS_KEY_ID)") from None
-        if name in {"EndpointConnectionError", "ClientConnectorError", "ConnectTimeoutError",
-                    "ClientError", "ReadTimeoutError", "ServerDisconnectedError"}:
-            raise ArtifactError(f"{uri}: cannot reach object storage ({name}: {_short(e)})") from None
+        if "Credentials" in name or name in {"DefaultCredentialsError", "RefreshError"}:
+            raise ArtifactError(f"{where}: no usable credentials for this storage (the client's credential "
+                                "chain: environment, profile, instance role or service account)") from None
+        if name in {"EndpointConnectionError", "ClientConnectorError", "ConnectTimeoutError", "ConnectionClosedError",
+                    "ClientError", "ReadTimeoutError", "ServerDisconnectedError", "HttpError"}:
+            raise ArtifactError(f"{where}: cannot reach the storage service after the client's retries "
+                                f"({name}: {short_error(e)})") from None
         raise
 
 
-def _short(e: BaseException) -> str:
-    """The first line of an exception message, capped."""
+def short_error(e: BaseException) -> str:
+    """The first line of an exception message, capped, with any URI credentials removed."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return text[:200]
+    return re.sub(r"[a-z][a-z0-9+.-]*://\S+", lambda m: redact(m.group(0)), text)[:200]
 
 
-_TRANSIENT = ("cannot reach object storage",)
+def retry_config() -> dict[str, Any]:
+    """botocore's retry settings for S3: standard mode (exponential backoff with jitter, up to 20 s
+    a wait), 10 attempts, unless AWS_RETRY_MODE / AWS_MAX_ATTEMPTS say otherwise.
 
-
-def _retrying(uri: str, fn: Callable[[], Any], attempts: int = 5) -> Any:
-    """Run a storage call, retrying connection failures with backoff (0.5, 1, 2, 4 s).
-
-    Rides through a short object-store outage; a longer one ends in the ArtifactError.
+    10 attempts ride through an outage of about a minute; every s3fs call goes through them.
     """
-    for attempt in range(attempts):
-        try:
-            with _storage_errors(uri):
-                return fn()
-        except ArtifactError as e:
-            if attempt == attempts - 1 or not any(t in str(e) for t in _TRANSIENT):
-                raise
-            time.sleep(0.5 * 2 ** attempt)
-    return None
+    return {"mode": os.environ.get("AWS_RETRY_MODE", "standard"),
+            "total_max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "10"))}
+
+
+def _client_options(uri: str) -> dict[str, Any]:
+    """fsspec options for ``uri``: the client's own retry configuration where it has one."""
+    if uri.startswith(("s3://", "s3a://")):
+        return {"config_kwargs": {"retries": retry_config()}}
+    return {}
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``uri`` and the path inside it."""
     with _storage_errors(uri):
-        return fsspec.core.url_to_fs(uri)
+        fs, path = fsspec.core.url_to_fs(uri, **_client_options(uri))
+    if "config_kwargs" in _client_options(uri):
+        # s3fs wraps each call in a loop of its own (5 tries) around botocore's: one policy, not 5 x N
+        fs.retries = 1
+    return fs, path
 
 
 def exists(uri: str) -> bool:
@@ -101,37 +138,93 @@ def exists(uri: str) -> bool:
 def read_bytes(uri: str) -> bytes:
     """Read a whole file."""
     fs, path = filesystem(uri)
-    return _retrying(uri, lambda: fs.cat_file(path))
+    with _storage_errors(uri):
+        return fs.cat_file(path)
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write a whole file atomically (readers see the old file or the new one, never a part)."""
+@contextlib.contextmanager
+def open_read(uri: str) -> Iterator[Any]:
+    """A binary file object for reading; storage errors become one ArtifactError line."""
+    fs, path = filesystem(uri)
+    with _storage_errors(uri), fs.open(path, "rb") as f:
+        yield f
+
+
+TEMP = re.compile(r"^\..+\.tmp-[0-9a-f]{8}$")  # a local write in progress, or left by a killed writer
+
+
+def write_bytes(uri: str, data: bytes, exclusive: bool = False) -> None:
+    """Write a whole file atomically (readers see the old file or the new one, never a part).
+
+    Locally the bytes go to a hidden temporary file beside the target (``.<name>.tmp-<hex>``), then
+    are renamed; a writer killed in between leaves that file, which ``remove_temp_files`` sweeps
+    before an artifact is published. On object storage one PUT is atomic. ``exclusive`` fails with
+    FileExistsError if the file exists (a conditional PUT on S3).
+    """
     fs, path = filesystem(uri)
     if is_remote(uri):
-        _retrying(uri, lambda: fs.pipe_file(path, data))
+        with _storage_errors(uri):
+            if exclusive:
+                try:
+                    fs.pipe_file(path, data, mode="create")
+                except FileExistsError:
+                    raise FileExistsError(redact(uri)) from None
+            else:
+                fs.pipe_file(path, data)
         return
     with _storage_errors(uri):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        folder, name = os.path.split(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+            if exclusive:
+                os.link(tmp, path)  # fails if the target exists: an atomic create
+            else:
+                os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
 
 
+def remove_temp_files(folder: str) -> int:
+    """Remove temporary files left by killed writers under a local folder; returns how many."""
+    if is_remote(folder) or not os.path.isdir(folder):
+        return 0
+    removed = 0
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            if TEMP.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(dirpath, name))
+                    removed += 1
+    return removed
+
+
+def keep_only(folder: str, names: set[str]) -> list[str]:
+    """Remove every entry of ``folder`` not named in ``names`` (temp files of killed writers, images
+    beyond a smaller IPC); returns the names removed."""
+    extra = [n for n in listdir(folder) if n not in names]
+    for name in extra:
+        remove(join(folder, name))
+    return extra
+
+
 def read_json(uri: str) -> Any:
-    """Read a JSON file."""
-    return json.loads(read_bytes(uri))
+    """Read a JSON file; ArtifactError if it is not valid JSON (a damaged or foreign file)."""
+    data = read_bytes(uri)
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise ArtifactError(f"{redact(uri)}: not valid JSON ({e.__class__.__name__}: {str(e)[:80]})") from None
 
 
-def write_json(uri: str, obj: Any) -> None:
+def write_json(uri: str, obj: Any, exclusive: bool = False) -> None:
     """Write a JSON file atomically."""
-    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), exclusive)
 
 
 def listdir(uri: str) -> list[str]:
@@ -169,20 +262,27 @@ def arrow_filesystem(uri: str) -> tuple[Any, str]:
     import pyarrow.fs as pafs
 
     if is_remote(uri):
+        # Arrow's own S3 client (Ray Data, Ray Train) retries with its default standard strategy
         with _storage_errors(uri):
             return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+_HASHED = re.compile(r"-[0-9a-f]{8}$")
+
+
 def safe_name(name: str) -> str:
     """A folder/file name for a class name that cannot escape its parent folder.
 
-    Letters, digits and ``._-`` are kept (unicode letters too); anything else (``/``, ``..``,
-    spaces) is replaced, and a hash of the original is appended whenever the name changed, so
-    two different class names never map to the same folder.
+    A name is kept as it is only if it is plain: letters, digits and ``._-``, no uppercase, at
+    most 100 bytes, and not ending like a hashed name. Anything else (``/``, ``..``, spaces,
+    uppercase, long or unnormalised names) is cleaned, capped, and given a hash of the original,
+    so two class names never map to one folder, also on a case-insensitive disk, and a name
+    crafted to look like another's hashed form gets a hash of its own.
     """
     norm = unicodedata.normalize("NFC", name)
     kept = "".join(ch if (ch.isalnum() or ch in "._-") else "_" for ch in norm).strip(".")
-    if kept != name or not kept:
-        kept = f"{kept[:80] or 'class'}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
-    return kept
+    if kept and kept == name and kept == kept.casefold() and len(kept.encode()) <= 100 and not _HASHED.search(kept):
+        return kept
+    head = kept.encode()[:80].decode(errors="ignore").rstrip(".") or "class"
+    return f"{head}-{hashlib.sha1(name.encode(errors='surrogatepass')).hexdigest()[:8]}"

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmdist.errors import DataError
+from mmdist.errors import ArtifactError, DataError
 from mmdist.models import diffusion
 from mmdist.models.gaussian_diffusion import GaussianDiffusion
 from mmdist.models.minimax import Collective, MinimaxObjective
@@ -182,19 +183,51 @@ def save_checkpoint(state: TrainState, folder: str, extra: dict[str, Any] | None
         json.dump({"step": state.step, "history": state.history, "resumed_at": state.resumed_at, **(extra or {})}, f)
 
 
+class CorruptCheckpoint(ArtifactError):
+    """A checkpoint folder that cannot be read (truncated or damaged files): try an older one."""
+
+
+def read_checkpoint(folder: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and JSON metadata of a checkpoint; CorruptCheckpoint if either is unreadable."""
+    try:
+        tensors = load_file(os.path.join(folder, STATE_FILE))
+        with open(os.path.join(folder, META_FILE)) as f:
+            meta = json.load(f)
+        int(meta["step"])
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CorruptCheckpoint(f"checkpoint {folder} is unreadable ({type(e).__name__}: {first})") from None
+    return tensors, meta
+
+
 def load_checkpoint(state: TrainState, folder: str) -> dict[str, Any]:
-    """Restore what ``save_checkpoint`` wrote; returns the JSON metadata."""
-    tensors = load_file(os.path.join(folder, STATE_FILE))
+    """Restore what ``save_checkpoint`` wrote; returns the JSON metadata.
+
+    Everything is read and checked before anything is changed, so a checkpoint that fails
+    (CorruptCheckpoint, or an ArtifactError for one of another model) leaves ``state`` as it was.
+    """
+    tensors, meta = read_checkpoint(folder)
     names = {k.split("/", 1)[1] for k in tensors if k.startswith("param/")}
     if names != set(state.trainable):
         missing = sorted(set(state.trainable) - names)[:3]
-        raise ValueError(f"checkpoint does not match the model (missing {missing}): a different model or trainable set")
+        raise ArtifactError(f"checkpoint {folder} does not match the model (missing {missing}): it was made by a "
+                            "different model or trainable set; pass --overwrite to start this stage again")
+    for name, p in state.trainable.items():
+        for key in (f"param/{name}", f"ema/{name}"):
+            if key not in tensors or tensors[key].shape != p.shape:
+                got = tuple(tensors[key].shape) if key in tensors else "nothing"
+                raise ArtifactError(f"checkpoint {folder} does not match the model: {key} has shape {got}, "
+                                    f"the model {tuple(p.shape)}; pass --overwrite to start this stage again")
+    if state.objective is not None:
+        for mem_name, mem in (("real", state.objective.real), ("pred", state.objective.pred)):
+            for k, t in mem.state_dict().items():
+                src = tensors.get(f"memory/{mem_name}/{k}")
+                if src is None or src.shape != t.shape:
+                    raise ArtifactError(f"checkpoint {folder} does not match the model: its {mem_name} memory "
+                                        "differs (another class count, latent shape or memory size)")
     with torch.no_grad():
         for name, p in state.trainable.items():
-            src = tensors[f"param/{name}"]
-            if src.shape != p.shape:
-                raise ValueError(f"checkpoint tensor {name} has shape {tuple(src.shape)}, model {tuple(p.shape)}")
-            p.copy_(src)
+            p.copy_(tensors[f"param/{name}"])
             state.ema[name] = tensors[f"ema/{name}"].to(p.device)
     opt_state = {}
     for i, (name, p) in enumerate(state.trainable.items()):
@@ -208,8 +241,6 @@ def load_checkpoint(state: TrainState, folder: str) -> dict[str, Any]:
         for mem_name, mem in (("real", state.objective.real), ("pred", state.objective.pred)):
             mem.load_state_dict({k: tensors[f"memory/{mem_name}/{k}"].to(mem.buffer.device)
                                  for k in ("buffer", "count", "head")})
-    with open(os.path.join(folder, META_FILE)) as f:
-        meta = json.load(f)
     state.step = int(meta["step"])
     state.history = list(meta.get("history", []))
     state.resumed_at = list(meta.get("resumed_at", [])) + [state.step]

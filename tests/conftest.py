@@ -23,6 +23,8 @@ def _free_port() -> int:
 
 
 SECRET = "mmdist-test-secret-7f3a9c"  # must never reach a log or an artifact (test_bad_input)
+SESSION_TOKEN = "mmdist-test-session-token-51d0e2"  # temporary credentials carry one too
+SECRETS = (SECRET, SESSION_TOKEN)
 
 # The environment must be set before Ray starts: workers inherit it (S3 endpoint, auth, imports).
 S3_PORT = _free_port()
@@ -31,6 +33,7 @@ os.environ.update({
     "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": SECRET,
+    "AWS_SESSION_TOKEN": SESSION_TOKEN,
     "AWS_DEFAULT_REGION": "us-east-1",
     "TQDM_MININTERVAL": "5",
     "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),

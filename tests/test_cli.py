@@ -54,7 +54,7 @@ def test_malformed_yaml(tmp_path):
 
 
 @pytest.mark.parametrize("override, fragment", [("sample.ipcs=3", "sample.ipcs: unknown field"),
-                                                ("sample.ipc=-3", "sample.ipc: must be positive"),
+                                                ("sample.ipc=-3", "sample.ipc: must be >= 1"),
                                                 ("justaword", "expected key=value")])
 def test_bad_overrides(override, fragment):
     code, _, err = mmdist("config", override)

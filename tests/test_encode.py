@@ -97,11 +97,13 @@ def test_interrupted_encode_leaves_only_whole_shards_and_resumes(ray_cluster, tm
     assert 0 < len(visible) < 36
     for f in visible:
         assert shards.read_shard_meta(os.path.join(shard_dir, f)) is not None  # whole, with its footer
-    cfg = smoke_config(out, data={"source": "imagefolder", "train": root, "classes": None, "channels": 3,
-                                  "image_size": 32, "max_per_class": None}, encode={"shard_rows": 2})
-    m = encode.main(cfg)
+    finished = {f: os.stat(os.path.join(shard_dir, f)).st_mtime_ns for f in visible}
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # the same config, rerun
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    m = storage.read_json(os.path.join(out, "latents", schema.MANIFEST))
     assert m["rows"] == 72 and len(m["shards"]) == 36
-    assert storage.exists(os.path.join(out, "latents", schema.MANIFEST))
+    # the shards finished before the kill were reused, not redone
+    assert {f: os.stat(os.path.join(shard_dir, f)).st_mtime_ns for f in visible} == finished
 
 
 def test_shards_are_uniform_samples_of_the_classes():

@@ -103,7 +103,7 @@ def test_grid_runs_trials_concurrently_and_soft_protocol_uses_a_teacher(ray_clus
     assert set(rows) == {"distilled", "random"} and all(r["protocol"] == "soft" for r in rows.values())
     a, b = m["trials"]
     assert a["started"] < b["finished"] and b["started"] < a["finished"], "trials ran one after the other"
-    teacher = os.path.join(cfg.output, "teacher", "convnet-16px-15ep", "manifest.json")
+    teacher = os.path.join(evaluate.teacher_cache(cfg, 16), "manifest.json")
     assert os.path.exists(teacher)
     import json
 
@@ -126,6 +126,5 @@ def test_ipc_larger_than_available_is_refused(ray_cluster, tmp_path):
 
 
 def test_distilled_method_needs_a_folder(tmp_path):
-    cfg = smoke_config(str(tmp_path), evaluate={"methods": ["distilled"], "distilled": None})
     with pytest.raises(ConfigError, match="evaluate.distilled"):
-        evaluate.main(cfg)
+        smoke_config(str(tmp_path), evaluate={"methods": ["distilled"], "distilled": None})

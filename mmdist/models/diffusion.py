@@ -12,12 +12,16 @@ Two facts about diffusers' ``DiTTransformer2DModel`` shape this file:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from mmdist.errors import ArtifactError
 
 # ----------------------------------------------------------------------------------------------
 # DiT sizes (registry; tests use only "tiny")
@@ -94,8 +98,24 @@ def load_dit(path_or_id: str, subfolder: str | None = None) -> nn.Module:
     from diffusers import DiTTransformer2DModel
 
     kwargs = {"subfolder": subfolder} if subfolder else {}
-    model = DiTTransformer2DModel.from_pretrained(path_or_id, low_cpu_mem_usage=False, **kwargs)
+    with _loading(path_or_id, subfolder):
+        # safetensors only: a .bin (pickle) backbone is refused rather than unpickled
+        model = DiTTransformer2DModel.from_pretrained(path_or_id, low_cpu_mem_usage=False, use_safetensors=True,
+                                                      **kwargs)
     return prepare_dit(model)
+
+
+@contextlib.contextmanager
+def _loading(path_or_id: str, subfolder: str | None) -> Iterator[None]:
+    """One clear ArtifactError for a model folder that is missing, not safetensors, or corrupt."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, ValueError, SafetensorError) as e:
+        where = f"{path_or_id} (subfolder {subfolder})" if subfolder else path_or_id
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ArtifactError(f"{where}: cannot load the model from safetensors weights ({first})") from None
 
 
 def prepare_dit(model: nn.Module, tie: bool | None = None) -> nn.Module:
@@ -275,7 +295,9 @@ def load_vae(path_or_id: str, subfolder: str | None = None) -> nn.Module:
     from diffusers import AutoencoderKL
 
     kwargs = {"subfolder": subfolder} if subfolder else {}
-    return AutoencoderKL.from_pretrained(path_or_id, low_cpu_mem_usage=False, **kwargs).eval()
+    with _loading(path_or_id, subfolder):
+        return AutoencoderKL.from_pretrained(path_or_id, low_cpu_mem_usage=False, use_safetensors=True,
+                                             **kwargs).eval()
 
 
 def vae_config(path_or_id: str, subfolder: str | None = None) -> dict:
