@@ -334,9 +334,22 @@ class Config:
     sample: SampleConfig = opt(SampleConfig(), "sampling stage")
     evaluate: EvaluateConfig = opt(EvaluateConfig(), "evaluation stage")
     ray: RayConfig = opt(RayConfig(), "Ray cluster")
+    tracking: Literal["tensorboard", "mlflow"] = opt(
+        "tensorboard",
+        "experiment tracking of training steps and evaluation trials: tensorboard (event files under the "
+        "output, always written) or mlflow (also MLflow runs; needs pip install 'mmdist[mlflow]')",
+    )
+    tracking_uri: str | None = opt(
+        None, "MLflow tracking URI (http://host:5000, databricks, sqlite:///path); None: <output>/mlruns"
+    )
+    preview_every: int = opt(
+        100, "training steps between preview grids (EMA and raw weights, a few images per class) written to "
+        "<stage>/previews and the tracker; 0 turns them off"
+    )
 
     def __post_init__(self) -> None:
         _check(bool(self.output), "output", "must not be empty")
+        _check(self.preview_every >= 0, "preview_every", "must be >= 0")
         _check(bool(self.name) and "/" not in self.name, "name", "must be non-empty without '/'")
         _check(self.encode.encoder == "identity" or self.data.channels == 3, "data.channels",
                "must be 3 when encode.encoder is a VAE (it takes RGB images)")
@@ -430,7 +443,8 @@ def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown field (known: {', '.join(sorted(fields))})")
+        known = [f"{prefix}{f}" for f in fields] + [name for name, _, _ in describe(cls, prefix)]
+        raise ConfigError(unknown_field(f"{prefix}{unknown[0]}", known))
     kwargs = {k: _coerce(hints[k], v, f"{prefix}{k}") for k, v in raw.items()}
     return cls(**kwargs)
 
@@ -450,12 +464,23 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         parts = key.split(".")
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
-                raise ConfigError(f"{key}: unknown field")
+                raise ConfigError(unknown_field(key, [name for name, _, _ in describe()]))
             node = node[part]
         if parts[-1] not in node:
-            raise ConfigError(f"{key}: unknown field")
+            raise ConfigError(unknown_field(key, [name for name, _, _ in describe()]))
         node[parts[-1]] = value
     return Config.from_dict(raw)
+
+
+def unknown_field(name: str, known: list[str]) -> str:
+    """'<name>: unknown field' with the closest known names, e.g. 'did you mean sample.ipc?'."""
+    import difflib
+
+    leaf = name.rsplit(".", 1)[-1]
+    # a right name in the wrong section (sample.lr -> finetune.lr), else the nearest spellings
+    close = difflib.get_close_matches(name, known, 2, 0.8) + [k for k in known if k.rsplit(".", 1)[-1] == leaf]
+    close = list(dict.fromkeys(close))[:3]
+    return f"{name}: unknown field" + (f" (did you mean {' or '.join(close)}?)" if close else "")
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,6 @@ results.{md,csv,json} and accuracy.png, and every row names its protocol.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
@@ -323,25 +322,22 @@ def _run_grid(cfg: Config, todo: list[dict], sets: dict, test: tuple, classes: t
     _Progress.bar = tqdm(total=len(todo), desc="evaluate trials", unit="trial")
     grid = tuner.fit()
     _Progress.bar.close()
-    errors = [r.error for r in grid if r.error is not None]
-    if errors:
-        raise errors[0]
+    if grid.errors:
+        raise grid.errors[0]
 
 
 def aggregate(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean ± std (over seeds) of best and last accuracy per (method, protocol, arch, ipc)."""
-    groups: dict[tuple, list[dict]] = {}
-    for t in trials:
-        groups.setdefault((t["method"], t["protocol"], t["arch"], t["ipc"]), []).append(t)
-    rows = []
-    for (method, proto, arch, ipc), ts in groups.items():
-        best = np.array([t["best_acc"] for t in ts])
-        last = np.array([t["last_acc"] for t in ts])
-        rows.append({"method": method, "protocol": proto, "arch": arch, "ipc": ipc,
-                     "mean": round(float(best.mean()), 2), "std": round(float(best.std()), 2),
-                     "last_mean": round(float(last.mean()), 2),
-                     "last_std": round(float(last.std()), 2), "n": len(ts)})
-    return rows
+    """Mean ± std (over seeds; numpy's population std) of best and last accuracy per (method, protocol,
+    arch, ipc), in the order the groups first appear."""
+    import pandas as pd
+
+    def std(s: pd.Series) -> float:
+        return s.std(ddof=0)
+
+    groups = pd.DataFrame(trials).groupby(["method", "protocol", "arch", "ipc"], sort=False)
+    table = groups.agg(mean=("best_acc", "mean"), std=("best_acc", std), last_mean=("last_acc", "mean"),
+                       last_std=("last_acc", std), n=("best_acc", "size"))
+    return table.round(2).reset_index().to_dict("records")
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -358,11 +354,9 @@ def write_tables(folder: str, rows: list[dict[str, Any]], table: str) -> None:
     """results.md, results.csv, results.json and accuracy.png."""
     storage.write_bytes(storage.join(folder, "results.md"), (table + "\n").encode())
     storage.write_json(storage.join(folder, "results.json"), rows)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    storage.write_bytes(storage.join(folder, "results.csv"), buf.getvalue().encode())
+    import pandas as pd
+
+    storage.write_bytes(storage.join(folder, "results.csv"), pd.DataFrame(rows).to_csv(index=False).encode())
     storage.write_bytes(storage.join(folder, "accuracy.png"), plot(rows))
 
 

@@ -25,6 +25,8 @@ def init(cfg: RayConfig) -> None:
     # Ray Data's progress bars fight with ours; its execution banner drowns a laptop's log
     DataContext.get_current().enable_progress_bars = False
     DataContext.get_current().print_on_execution_start = False
+    # a failing UDF raises our own error (RayTaskError.cause), not a bare UserCodeException
+    DataContext.get_current().raise_original_map_exception = True
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     if ray.is_initialized():
         return
