@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmdist import artifacts, schema, storage, training
+from mmdist import artifacts, schema, storage, tracking, training
 from mmdist.config import Config, TrainConfig
 from mmdist.errors import ArtifactError
 from mmdist.models import diffusion
@@ -138,6 +138,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     from ray.experimental.tqdm_ray import tqdm
 
     cfg = Config.from_dict(loop_config["config"])
+    log.setLevel(logging.INFO)  # step lines are INFO; a worker process starts at WARNING
     stage, latents, stats = loop_config["stage"], loop_config["latents"], loop_config["stats"]
     tcfg = train_config(cfg, stage)
     context = ray.train.get_context()
@@ -168,6 +169,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         autocast=tcfg.mixed_precision if device.type == "cuda" else "no",
     )
     collective = TorchCollective() if world > 1 else SingleProcess()
+    tracker = tracking.TrainTracker(cfg, stage, artifacts.stage_dir(cfg, stage), latents, loop_config["mlflow_uri"],
+                                    device, state.step) if rank == 0 else None
+    if tracker and state.step == 0:
+        tracker.maybe_preview(state.model, state.ema, 0, last=False)  # where training starts from
     shard = ray.train.get_dataset_shard("train")
     local_batch = tcfg.global_batch_size // world
     bar = tqdm(total=tcfg.steps, desc=f"{stage} steps") if rank == 0 else None
@@ -201,15 +206,22 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 row["steps_per_second"] = len(running["loss"]) / max(time.time() - tick, 1e-9)
                 state.history.append(row)
                 running, tick = {}, time.time()
-                if rank == 0:
-                    log.warning("%s step %d: %s", stage, state.step,
-                                " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
+                if tracker:
+                    log.info("%s step %d: %s", stage, state.step,
+                             " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
+                    tracker.metrics(row, state.step)
+            if tracker:
+                tracker.maybe_preview(state.model, state.ema, state.step, last)
             if state.step % tcfg.checkpoint_every == 0 or last:
+                if tracker:
+                    tracker.flush()
                 _report_checkpoint(state, rank, stage)
             if last:
                 break
     if bar:
         bar.close()
+    if tracker:
+        tracker.close()
 
 
 def _report_checkpoint(state: training.TrainState, rank: int, stage: str) -> None:
@@ -252,6 +264,7 @@ def fit(cfg: Config, stage: str, fp: str) -> dict[str, Any]:
 
     stats = load_tensors(storage.read_bytes(storage.join(latents_dir, schema.STATS)))
     folder = artifacts.stage_dir(cfg, stage)
+    mlflow_uri = tracking.mlflow_uri(cfg)
     ray_runtime.init(cfg.ray)
     workers = tcfg.num_workers
     # leave one whole CPU: Ray Data's file-listing task asks for 1 CPU and cannot be told otherwise
@@ -274,7 +287,7 @@ def fit(cfg: Config, stage: str, fp: str) -> dict[str, Any]:
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "stage": stage, "latents": _slim(latents),
                            "backbone": _remote_backbone(cfg) if stage == "finetune" else None,
-                           "stats": stats, "threads": ray_runtime.torch_threads(cpus)},
+                           "stats": stats, "threads": ray_runtime.torch_threads(cpus), "mlflow_uri": mlflow_uri},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=tcfg.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(

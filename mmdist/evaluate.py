@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmdist import artifacts, datasets, protocols, schema, storage
+from mmdist import artifacts, datasets, protocols, schema, storage, tracking
 from mmdist.config import Config
 from mmdist.errors import ConfigError, DataError
 from mmdist.models import classifiers
@@ -225,8 +225,13 @@ def _train_teacher(arch: str, x: np.ndarray, y: np.ndarray, tx: np.ndarray, ty: 
     def tensor(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.array(a)).to(device)  # Ray hands over read-only arrays
 
+    from ray.experimental.tqdm_ray import tqdm
+
+    bar = tqdm(total=epochs, desc=f"teacher {arch}", unit="epoch")  # rendered by the driver, with its ETA
     acc = protocols.train_teacher(model, protocols.to_float(tensor(x), res), tensor(y),
-                                  protocols.to_float(tensor(tx), res), tensor(ty), epochs=epochs)
+                                  protocols.to_float(tensor(tx), res), tensor(ty), epochs=epochs,
+                                  progress=lambda _: bar.update(1))
+    bar.close()
     return {k: v.detach().cpu().contiguous().numpy() for k, v in model.state_dict().items()}, acc
 
 
@@ -262,13 +267,14 @@ def main(cfg: Config) -> dict[str, Any]:
         if storage.exists(uri) and storage.read_json(uri).get("fingerprint") == fp:
             finished[spec["key"]] = storage.read_json(uri)
     todo = [s for s in specs if s["key"] not in finished]
+    mlflow_uri = tracking.mlflow_uri(cfg) if todo else None
     log.info("evaluate: %d trials (%d to run), protocol %s, test set of %d images",
              len(specs), len(todo), e.protocol, len(test_index.items))
     if todo:
         sets = build_sets(cfg, classes)
         test = datasets.load_images(cfg.data, test_index.items, "test")
         ray_runtime.init(cfg.ray)
-        _run_grid(cfg, todo, sets, test, classes, res, folder, fp)
+        _run_grid(cfg, todo, sets, test, classes, res, folder, fp, mlflow_uri)
         for spec in todo:
             finished[spec["key"]] = storage.read_json(storage.join(folder, "trials", f"{spec['key']}.json"))
     rows = aggregate([finished[s["key"]] for s in specs])
@@ -281,7 +287,7 @@ def main(cfg: Config) -> dict[str, Any]:
 
 
 def _run_grid(cfg: Config, todo: list[dict], sets: dict, test: tuple, classes: tuple[str, ...], res: int,
-              folder: str, fp: str) -> None:
+              folder: str, fp: str, mlflow_uri: str | None = None) -> None:
     """The Ray Tune grid over the unfinished trials (fractional resources, retries)."""
     import ray
     from ray import tune
@@ -317,7 +323,7 @@ def _run_grid(cfg: Config, todo: list[dict], sets: dict, test: tuple, classes: t
         tune_config=tune.TuneConfig(metric="best_acc", mode="max"),
         run_config=tune.RunConfig(name=f"eval-{fp}", storage_path=storage_path, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=e.max_failures),
-                                  callbacks=[_Progress()]),
+                                  callbacks=[_Progress(), *tracking.tune_callbacks(cfg, mlflow_uri, "evaluate")]),
     )
     _Progress.bar = tqdm(total=len(todo), desc="evaluate trials", unit="trial")
     grid = tuner.fit()
