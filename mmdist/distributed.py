@@ -135,10 +135,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train per-worker loop: restore, then train_step over the shard until ``steps``."""
     import ray.train
     import ray.train.torch
-    from ray.experimental.tqdm_ray import tqdm
 
     cfg = Config.from_dict(loop_config["config"])
-    log.setLevel(logging.INFO)  # step lines are INFO; a worker process starts at WARNING
+    if not log.handlers:  # a worker process has no handler for our INFO step lines; Ray forwards stderr
+        log.addHandler(logging.StreamHandler())
+        log.propagate = False
+    log.setLevel(logging.INFO)
     stage, latents, stats = loop_config["stage"], loop_config["latents"], loop_config["stats"]
     tcfg = train_config(cfg, stage)
     context = ray.train.get_context()
@@ -175,12 +177,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         tracker.maybe_preview(state.model, state.ema, 0, last=False)  # where training starts from
     shard = ray.train.get_dataset_shard("train")
     local_batch = tcfg.global_batch_size // world
-    bar = tqdm(total=tcfg.steps, desc=f"{stage} steps") if rank == 0 else None
-    bar_every = max(1, min(tcfg.log_every, tcfg.steps // 50))  # each update is a log line off-terminal
-    if bar:
-        bar.update(state.step)
+    # progress is the step line (with its ETA), not a tqdm_ray bar: a Train worker's bar outlives
+    # the worker on the driver and reprints beside everything printed after it
     running: dict[str, list[float]] = {}
-    tick = time.time()
+    tick = started = time.time()
+    first = state.step
     while state.step < tcfg.steps:
         epoch_seed = derive_seed(tcfg.seed, stage, rank, "epoch", state.step)
         batches = shard.iter_torch_batches(batch_size=local_batch, drop_last=True, device=device,
@@ -197,8 +198,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 collective.seconds = 0.0
             for k, v in metrics.items():
                 running.setdefault(k, []).append(v)
-            if bar and state.step % bar_every == 0:
-                bar.update(bar_every)
             last = state.step >= tcfg.steps
             if state.step % tcfg.log_every == 0 or last:
                 row = {k: float(np.mean(v)) for k, v in running.items()}
@@ -207,7 +206,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 state.history.append(row)
                 running, tick = {}, time.time()
                 if tracker:
-                    log.info("%s step %d: %s", stage, state.step,
+                    left = (time.time() - started) / (state.step - first) * (tcfg.steps - state.step)
+                    log.info("%s step %d/%d (%d%%, %dm%02ds left): %s", stage, state.step, tcfg.steps,
+                             100 * state.step // tcfg.steps, left // 60, left % 60,
                              " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
                     tracker.metrics(row, state.step)
             if tracker:
@@ -218,8 +219,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 _report_checkpoint(state, rank, stage)
             if last:
                 break
-    if bar:
-        bar.close()
     if tracker:
         tracker.close()
 

@@ -326,6 +326,9 @@ def _run_grid(cfg: Config, todo: list[dict], sets: dict, test: tuple, classes: t
                                   callbacks=[_Progress(), *tracking.tune_callbacks(cfg, mlflow_uri, "evaluate")]),
     )
     _Progress.bar = tqdm(total=len(todo), desc="evaluate trials", unit="trial")
+    # Tune's new console output prints its banner and a TensorBoard path under /tmp whatever `verbose`
+    # says; the legacy engine at verbose=0 is silent (our bar and tables say what matters)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     grid = tuner.fit()
     _Progress.bar.close()
     if grid.errors:
