@@ -37,7 +37,7 @@ FULL = dict(epochs={10: 80, 50: 20}, seeds=(0, 1, 2), teacher_epochs=1, evals=1,
             finetune_steps=None, sample_steps=None)  # None: the embedded default's
 QUICK = dict(epochs={10: 2, 50: 1}, seeds=(0,), teacher_epochs=1, evals=1, max_per_class=100,
              finetune_steps=10, sample_steps=5)
-ANCHORS = {  # ConvNet-3 on Fashion-MNIST, hard labels (field.md)
+ANCHORS = {  # ConvNet-3 on Fashion-MNIST, hard labels: the DC and DSA papers (docs/method.md §4)
     "random": {10: 73.8, 50: 82.5}, "DC": {10: 82.3, 50: 83.6}, "DSA": {10: 84.6, 50: 88.7}, "whole data": 93.5}
 GRID = {"hard": ("minimax", "diffusion", "random"), "soft": ("minimax", "random")}
 

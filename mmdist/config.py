@@ -62,7 +62,7 @@ class DataConfig:
     model_class_ids: tuple[int, ...] | None = opt(
         None,
         "the backbone's class id for each kept class (ImageNet indices for DiT-XL/2); None means "
-        "0..K-1. method.md §1.2: conditioning on a wrong id silently ruins a run",
+        "0..K-1. docs/method.md §1.2: conditioning on a wrong id silently ruins a run",
     )
     image_size: int = opt(28, "square side in pixels after the ADM centre crop")
     channels: Literal[1, 3] = opt(1, "1 keeps grayscale, 3 converts to RGB")
@@ -88,7 +88,7 @@ class EncodeConfig:
     encoder: str = opt(
         "identity",
         "identity (pixel space, for tiny images) or an AutoencoderKL hub id / folder, "
-        "e.g. stabilityai/sd-vae-ft-ema (method.md §1.1: fine-tuning encodes with ft-EMA)",
+        "e.g. stabilityai/sd-vae-ft-ema (docs/method.md §1.1: fine-tuning encodes with ft-EMA)",
     )
     encoder_subfolder: str | None = opt(None, "subfolder of the VAE inside its repo (e.g. 'vae')")
     scaling_factor: float | None = opt(None, "latent scale; None reads it from the VAE config (0.18215 for SD)")
@@ -110,7 +110,7 @@ class EncodeConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class MinimaxConfig:
-    """The two extra losses of Minimax Diffusion (method.md §1.6-1.7)."""
+    """The two extra losses of Minimax Diffusion (docs/method.md §1.6-1.7)."""
 
     representativeness: bool = opt(True, "use R_c = 1 - min cos(prediction, real memory)")
     diversity: bool = opt(True, "use V_c = max cos(prediction, prediction memory)")
@@ -121,7 +121,7 @@ class MinimaxConfig:
     center: Literal["none", "dataset_mean"] = opt(
         "dataset_mean",
         "subtract the real data's mean latent before the cosine. Pixel-space cosines saturate "
-        "near 1 on the shared background (ray-notes calibration); SD latents are near-centred, "
+        "near 1 on the shared background (docs/ray-notes.md, calibration); SD latents are near-centred, "
         "so the paper recipes use none",
     )
 
@@ -151,7 +151,7 @@ class TrainConfig:
         "run's EMA then holds what it trained. Off, decay**steps of the starting weights stay in the EMA "
         "(the paper: 0.9999 over 12k steps keeps 30 %)",
     )
-    hflip: bool = opt(True, "random horizontal flip of the latent (method.md §1.2 flips images)")
+    hflip: bool = opt(True, "random horizontal flip of the latent (docs/method.md §1.2 flips images)")
     mixed_precision: Literal["no", "bf16"] = opt("no", "bf16 autocast of the forward pass (GPU)")
     num_workers: int = opt(1, "Ray Train workers (DDP ranks)")
     use_gpu: bool = opt(False, "one GPU per worker")
@@ -203,7 +203,7 @@ class PretrainConfig(TrainConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class FinetuneConfig(TrainConfig):
-    """Minimax fine-tuning of a pretrained DiT (method.md §1)."""
+    """Minimax fine-tuning of a pretrained DiT (docs/method.md §1)."""
 
     backbone: str = opt(
         "embedded",
@@ -215,7 +215,7 @@ class FinetuneConfig(TrainConfig):
         "difffit", "difffit: biases, scale factors in the first half of the blocks, class table (paper)"
     )
     minimax: MinimaxConfig = opt(MinimaxConfig(), "the minimax losses")
-    class_dropout: float = opt(0.1, "label dropout kept on during fine-tuning (method.md §1.4)")
+    class_dropout: float = opt(0.1, "label dropout kept on during fine-tuning (docs/method.md §1.4)")
     _section = "finetune"
 
     def __post_init__(self) -> None:
@@ -238,7 +238,7 @@ class SampleConfig:
     guidance_channels: int | None = opt(
         None, "guide only the first N latent channels (DiT and the paper: 3 of 4); None guides all"
     )
-    use_ema: bool = opt(True, "sample from the EMA weights (method.md §1.10)")
+    use_ema: bool = opt(True, "sample from the EMA weights (docs/method.md §1.10)")
     decoder: str | None = opt(
         None, "VAE that decodes samples (paper: stabilityai/sd-vae-ft-mse); None uses encode.encoder"
     )

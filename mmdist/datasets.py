@@ -217,7 +217,7 @@ def _select(cfg: DataConfig, split: str, found: dict[str, list[Item]],
 
 
 def center_crop_arr(image: Image.Image, size: int) -> Image.Image:
-    """ADM's centre crop (method.md §1.2): box-halve while >= 2x, bicubic resize, crop."""
+    """ADM's centre crop (docs/method.md §1.2): box-halve while >= 2x, bicubic resize, crop."""
     while min(*image.size) >= 2 * size:
         image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
     scale = size / min(*image.size)

@@ -274,7 +274,7 @@ def fit(cfg: Config, stage: str, fp: str) -> dict[str, Any]:
     columns = [schema.LATENT_MEAN, schema.LABEL] + ([] if latents["deterministic"] else [schema.LATENT_STD])
     paths = [storage.arrow_filesystem(u)[1] for u in shard_uris]
     # read tasks ask for a quarter CPU: at the default 1 CPU they starve behind the workers on a
-    # small machine and training hangs silently (ray-notes)
+    # small machine and training hangs silently (docs/ray-notes.md)
     # seeded file shuffle + preserved order: the same config gives the same batches (determinism)
     dataset = ray.data.read_parquet(paths, filesystem=fs, columns=columns, num_cpus=0.25,
                                     shuffle=ray.data.FileShuffleConfig(seed=derive_seed(tcfg.seed, stage, "files")))

@@ -1,7 +1,7 @@
 """Starting or joining a Ray cluster, and sizing work to the resources it has.
 
 On a 2-core laptop, Ray hangs silently when training workers hold every CPU and Ray Data's read
-tasks can never be scheduled (ray-notes). So nothing here hard-codes one CPU per worker: shares
+tasks can never be scheduled (docs/ray-notes.md). So nothing here hard-codes one CPU per worker: shares
 are computed from the cluster, leaving room for data tasks.
 """
 

@@ -1,4 +1,4 @@
-"""The minimax objective of Minimax Diffusion (method.md §1.5-1.7), single-device plain PyTorch.
+"""The minimax objective of Minimax Diffusion (docs/method.md §1.5-1.7), single-device plain PyTorch.
 
 Per class c, with P_c the batch's predicted clean latents of class c, M_c the real-latent memory
 and D_c the prediction memory (both FIFO, detached, updated after the loss):
