@@ -152,11 +152,12 @@ class TrainTracker:
             return None
 
     def metrics(self, row: dict[str, float], step: int) -> None:
-        """One logged row of step metrics."""
-        for key, value in row.items():
+        """One logged row of step metrics (the step itself is the x axis, not a metric)."""
+        values = {k: float(v) for k, v in row.items() if k != "step"}
+        for key, value in values.items():
             self.tb.add_scalar(f"{self.stage}/{key}", value, step)
         if self.mlflow:
-            self._guard(lambda: self.mlflow.log_metrics({k: float(v) for k, v in row.items()}, step=step))
+            self._guard(lambda: self.mlflow.log_metrics(values, step=step))
 
     def maybe_preview(self, model: torch.nn.Module, ema: dict[str, torch.Tensor], step: int, last: bool) -> None:
         """Every ``preview_every`` steps (and at the first and last): grids to previews/ and the trackers."""
