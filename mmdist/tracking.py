@@ -129,7 +129,7 @@ class TrainTracker:
         self.tb_uri = storage.join(folder, "tensorboard")
         self.tb_dir = tempfile.mkdtemp(prefix="mmdist-tb-") if storage.is_remote(folder) else self.tb_uri
         # purge_step: a resumed run drops the events after its checkpoint that it is about to log again
-        self.tb = SummaryWriter(self.tb_dir, purge_step=start_step or None)
+        self.tb = SummaryWriter(self.tb_dir, purge_step=start_step + 1 if start_step else None)
         self.mlflow = None
         self.decoder = None
         if mlflow_uri:
@@ -162,17 +162,22 @@ class TrainTracker:
     def maybe_preview(self, model: torch.nn.Module, ema: dict[str, torch.Tensor], step: int, last: bool) -> None:
         """Every ``preview_every`` steps (and at the first and last): grids to previews/ and the trackers."""
         every = self.cfg.preview_every
-        if not every or (step % every and not last):
+        if not every or (step % every and not last) or self.decoder is False:
             return
-        if self.decoder is None:
-            from mmdist.models.diffusion import LatentEncoder
-
-            s, e = self.cfg.sample, self.cfg.encode
-            self.decoder = LatentEncoder(s.decoder or e.encoder, None if s.decoder else e.encoder_subfolder,
-                                         self.latents["scaling_factor"], self.device)
+        from mmdist.models.diffusion import LatentEncoder
         from mmdist.sample import png_bytes
 
-        for kind, grid in preview(model, ema, self.decoder, self.cfg, self.latents).items():
+        try:
+            if self.decoder is None:
+                s, e = self.cfg.sample, self.cfg.encode
+                self.decoder = LatentEncoder(s.decoder or e.encoder, None if s.decoder else e.encoder_subfolder,
+                                             self.latents["scaling_factor"], self.device)
+            grids = preview(model, ema, self.decoder, self.cfg, self.latents)
+        except Exception as e:  # previews must never stop training either
+            log.warning("tracking: previews failed (%s); training goes on without them", _short(e))
+            self.decoder = False
+            return
+        for kind, grid in grids.items():
             png = png_bytes(grid.transpose(2, 0, 1))
             storage.write_bytes(storage.join(self.folder, "previews", f"step-{step:06d}-{kind}.png"), png)
             self.tb.add_image(f"{self.stage}/preview_{kind}", grid, step, dataformats="HWC")
@@ -238,7 +243,7 @@ def preview(model: torch.nn.Module, ema: dict[str, torch.Tensor], decoder: Any, 
     was_training = model.training
     model.eval()
     out = {}
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _mode(model, was_training):
         for kind, weights in (("ema", ema), ("raw", None)):
             with _weights(model, weights):
                 z = sample_latents(model, class_ids=ids, generators=[torch.Generator().manual_seed(x) for x in seeds],
@@ -249,6 +254,14 @@ def preview(model: torch.nn.Module, ema: dict[str, torch.Tensor], decoder: Any, 
             scale = max(1, 64 // images.shape[-1])  # 28-px images are hard to see in a tracker
             images = images.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
             out[kind] = make_grid(images, nrow=per_class, padding=2, pad_value=255).permute(1, 2, 0).numpy()
-    model.train(was_training)
     return out
+
+
+@contextmanager
+def _mode(model: torch.nn.Module, training: bool) -> Iterator[None]:
+    """Put the model back in training mode (or not) however the block ends."""
+    try:
+        yield
+    finally:
+        model.train(training)
 
