@@ -387,6 +387,7 @@ def plot(rows: list[dict[str, Any]]) -> bytes:
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", label=method,
                         capsize=3)
         ax.set_title(arch)
+        ax.set_xticks(sorted({r["ipc"] for r in rows if r["arch"] == arch and r["method"] != "full"}))  # whole IPCs
         ax.set_xlabel("images per class")
         ax.set_ylabel("test accuracy (%)")
         ax.legend()
