@@ -17,9 +17,11 @@ import math
 import os
 import time
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from mmdist import artifacts, datasets, protocols, schema, storage, tracking
@@ -227,7 +229,7 @@ def _train_teacher(arch: str, x: np.ndarray, y: np.ndarray, tx: np.ndarray, ty: 
 
     from ray.experimental.tqdm_ray import tqdm
 
-    bar = tqdm(total=epochs, desc=f"teacher {arch}", unit="epoch")  # rendered by the driver, with its ETA
+    bar = tqdm(total=epochs, desc=f"teacher {arch}", unit="epoch")  # the driver draws it, with its ETA
     acc = protocols.train_teacher(model, protocols.to_float(tensor(x), res), tensor(y),
                                   protocols.to_float(tensor(tx), res), tensor(ty), epochs=epochs,
                                   progress=lambda _: bar.update(1))
@@ -326,9 +328,7 @@ def _run_grid(cfg: Config, todo: list[dict], sets: dict, test: tuple, classes: t
                                   callbacks=[_Progress(), *tracking.tune_callbacks(cfg, mlflow_uri, "evaluate")]),
     )
     _Progress.bar = tqdm(total=len(todo), desc="evaluate trials", unit="trial")
-    # Tune's new console output prints its banner and a TensorBoard path under /tmp whatever `verbose`
-    # says; the legacy engine at verbose=0 is silent (our bar and tables say what matters)
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new console prints a banner whatever `verbose` says
     grid = tuner.fit()
     _Progress.bar.close()
     if grid.errors:
@@ -338,11 +338,7 @@ def _run_grid(cfg: Config, todo: list[dict], sets: dict, test: tuple, classes: t
 def aggregate(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean ± std (over seeds; numpy's population std) of best and last accuracy per (method, protocol,
     arch, ipc), in the order the groups first appear."""
-    import pandas as pd
-
-    def std(s: pd.Series) -> float:
-        return s.std(ddof=0)
-
+    std = partial(pd.Series.std, ddof=0)
     groups = pd.DataFrame(trials).groupby(["method", "protocol", "arch", "ipc"], sort=False)
     table = groups.agg(mean=("best_acc", "mean"), std=("best_acc", std), last_mean=("last_acc", "mean"),
                        last_std=("last_acc", std), n=("best_acc", "size"))
@@ -363,8 +359,6 @@ def write_tables(folder: str, rows: list[dict[str, Any]], table: str) -> None:
     """results.md, results.csv, results.json and accuracy.png."""
     storage.write_bytes(storage.join(folder, "results.md"), (table + "\n").encode())
     storage.write_json(storage.join(folder, "results.json"), rows)
-    import pandas as pd
-
     storage.write_bytes(storage.join(folder, "results.csv"), pd.DataFrame(rows).to_csv(index=False).encode())
     storage.write_bytes(storage.join(folder, "accuracy.png"), plot(rows))
 
