@@ -31,10 +31,11 @@ def apt_install(package: str) -> None:
     # --reinstall: the package may be registered as installed while its files are gone
     install = ["apt-get", "install", "-y", "-qq", "--reinstall", package]
     log.info("data: %s", " ".join(install))
-    done = subprocess.run(install, env=env, capture_output=True, text=True)
+    quiet = dict(env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)  # never the terminal
+    done = subprocess.run(install, **quiet)
     if done.returncode != 0:  # a fresh machine has empty package lists
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, text=True)
-        done = subprocess.run(install, env=env, capture_output=True, text=True)
+        subprocess.run(["apt-get", "update", "-qq"], **quiet)
+        done = subprocess.run(install, **quiet)
     if done.returncode != 0:
         last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
         raise DataError(f"apt-get install {package} failed: {last}")
