@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None, base: Config | None = None, stages: tupl
 
             plan.main(cfg, [o for o in args.overrides if "=" not in o] or None)
             return 0
-        logging.getLogger("mmdist").info("resolved config: %s", json.dumps(to_dict(cfg), sort_keys=True))
+        if args.command != "data":  # the data step needs no record of the whole config
+            logging.getLogger("mmdist").info("resolved config: %s", json.dumps(to_dict(cfg), sort_keys=True))
         module = importlib.import_module(f"mmdist.{args.command}")
         if args.command == "run":
             module.main(cfg, stages=stages)
