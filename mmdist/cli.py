@@ -86,12 +86,13 @@ def options(section: str | None) -> list[str]:
     return [f"{name} = {default}\n    {doc}" for name, default, doc in rows]
 
 
-def _root_cause(e: BaseException | None) -> MmdistError | None:
-    """The MmdistError behind an exception raised through Ray, if any.
+def error_line(e: BaseException | None) -> str | None:
+    """The one line to show for the MmdistError behind an exception raised through Ray, if any.
 
     A task's or actor's RayTaskError carries the raised exception as ``cause`` (Ray Data's UDFs
-    too: ray_runtime sets ``raise_original_map_exception``); Ray Train's WorkerGroupError keeps
-    each rank's exception in ``worker_failures``; the rest is Python's own cause chain.
+    too: ray_runtime sets ``raise_original_map_exception``; Ray Data appends its retry advice on
+    further lines); Ray Train's WorkerGroupError keeps each rank's exception in
+    ``worker_failures``; the rest is Python's own cause chain.
     """
     seen = set()
     while e is not None and id(e) not in seen:
@@ -100,7 +101,7 @@ def _root_cause(e: BaseException | None) -> MmdistError | None:
             e = e.cause
             continue
         if isinstance(e, MmdistError):
-            return e
+            return (str(e).splitlines() or [type(e).__name__])[0]
         failures = getattr(e, "worker_failures", None) or {}
         e = next(iter(failures.values()), None) or e.__cause__ or e.__context__
     return None
@@ -137,10 +138,10 @@ def main(argv: list[str] | None = None, base: Config | None = None, stages: tupl
               file=sys.stderr)
         return 130
     except Exception as e:  # one clear line for what the user can fix; a traceback for our bugs
-        cause = _root_cause(e)
-        if cause is None:
+        line = error_line(e)
+        if line is None:
             raise
-        print(f"mmdist: error: {cause}", file=sys.stderr)
+        print(f"mmdist: error: {line}", file=sys.stderr)
         return 2
 
 
