@@ -110,7 +110,8 @@ def error_line(e: BaseException | None) -> str | None:
 def main(argv: list[str] | None = None, base: Config | None = None, stages: tuple[str, ...] | None = None) -> int:
     """Entry point of the console script."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[mmdist %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    # our INFO lines; other libraries only from WARNING (matplotlib, mlflow, alembic chat at INFO)
+    logging.basicConfig(level=logging.WARNING, format="[mmdist %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("mmdist").setLevel(logging.INFO)
     try:
         if args.command == "options":
