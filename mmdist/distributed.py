@@ -171,7 +171,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         autocast=tcfg.mixed_precision if device.type == "cuda" else "no",
     )
     collective = TorchCollective() if world > 1 else SingleProcess()
-    tracker = tracking.TrainTracker(cfg, stage, artifacts.stage_dir(cfg, stage), latents, loop_config["mlflow_uri"],
+    tracker = tracking.TrainTracker(cfg, stage, loop_config["folder"], latents, loop_config["mlflow_uri"],
                                     device, state.step) if rank == 0 else None
     if tracker and state.step == 0:
         tracker.maybe_preview(state.model, state.ema, 0, last=False)  # where training starts from
@@ -241,8 +241,9 @@ def _report_checkpoint(state: training.TrainState, rank: int, stage: str) -> Non
 # ----------------------------------------------------------------------------------------------
 
 
-def fit(cfg: Config, stage: str, fp: str) -> dict[str, Any]:
-    """Train on the latent shards with Ray Train and export the model; returns manifest fields."""
+def fit(cfg: Config, stage: str, fp: str, folder: str | None = None) -> dict[str, Any]:
+    """Train on the latent shards with Ray Train and export the model to ``folder`` (default: the
+    stage's folder); returns manifest fields."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -262,7 +263,7 @@ def fit(cfg: Config, stage: str, fp: str) -> dict[str, Any]:
     from safetensors.numpy import load as load_tensors
 
     stats = load_tensors(storage.read_bytes(storage.join(latents_dir, schema.STATS)))
-    folder = artifacts.stage_dir(cfg, stage)
+    folder = folder or artifacts.stage_dir(cfg, stage)
     mlflow_uri = tracking.mlflow_uri(cfg)
     ray_runtime.init(cfg.ray)
     workers = tcfg.num_workers
@@ -286,7 +287,8 @@ def fit(cfg: Config, stage: str, fp: str) -> dict[str, Any]:
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "stage": stage, "latents": _slim(latents),
                            "backbone": _remote_backbone(cfg) if stage == "finetune" else None,
-                           "stats": stats, "threads": ray_runtime.torch_threads(cpus), "mlflow_uri": mlflow_uri},
+                           "stats": stats, "threads": ray_runtime.torch_threads(cpus), "mlflow_uri": mlflow_uri,
+                           "folder": folder},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=tcfg.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(

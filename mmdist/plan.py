@@ -28,13 +28,15 @@ def upstream_kinds(cfg: Config, stage: str) -> list[str]:
     if stage == "sample":
         return ["encode", "finetune"]
     if stage == "evaluate":
-        return ["sample"] if {"minimax", "diffusion"} & set(cfg.evaluate.methods) else []
+        from mmdist.config import is_generated
+
+        return ["sample"] if any(is_generated(m) for m in cfg.evaluate.methods) else []
     return ["encode"]
 
 
 def _count(uri: str, suffix: str) -> int:
     """Files ending in ``suffix`` directly under ``uri`` (0 if it does not exist)."""
-    return sum(name.endswith(suffix) for name in storage.listdir(uri)) if storage.isdir(uri) else 0
+    return sum(name.endswith(suffix) for name in storage.listdir(uri))
 
 
 def _progress(cfg: Config, stage: str, folder: str, fp: str) -> str | None:
@@ -42,9 +44,12 @@ def _progress(cfg: Config, stage: str, folder: str, fp: str) -> str | None:
     if stage == "encode":
         n = _count(storage.join(folder, "shards"), ".parquet")
         return f"{n} shards written" if n else None
-    if stage in ("pretrain", "finetune"):
+    if stage == "pretrain":
         started = storage.isdir(storage.join(folder, "ray", f"{stage}-{fp}"))  # Ray Train's run folder
         return "resumes from its last checkpoint" if started else None
+    if stage == "finetune":  # one Ray Train run per variant, under finetune/<method>/
+        n = sum(storage.isdir(storage.join(folder, v, "ray")) for v in storage.listdir(folder))
+        return f"{n} variant(s) started, resumed from their checkpoints" if n else None
     if stage == "sample":
         n = sum(_count(storage.join(folder, v, "classes"), ".json") for v in ("minimax", "diffusion"))
         return f"{n} classes sampled" if n else None
@@ -76,7 +81,13 @@ def stage_states(cfg: Config, only: list[str] | None = None) -> list[dict[str, A
         if waiting:
             state, detail = "to do", f"after {waiting[-1]}"
         else:
-            fp = artifacts.fingerprint(cfg, stage, [manifests[k] for k in upstream_kinds(cfg, stage)])
+            ups = [manifests[k] for k in upstream_kinds(cfg, stage)]
+            if stage == "evaluate":  # its own fingerprint: adding a row reruns only that row's trials
+                from mmdist.evaluate import fingerprint
+
+                fp = fingerprint(cfg, ups)
+            else:
+                fp = artifacts.fingerprint(cfg, stage, ups)
             if manifest and manifest.get("fingerprint") == fp:
                 state, detail = "done", manifest.get("created", "")
                 manifests[stage] = manifest
