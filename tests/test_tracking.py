@@ -90,9 +90,10 @@ def test_finetune_and_evaluate_with_mlflow_leave_runs_curves_and_previews(smoke_
     finetune.main(cfg)
     evaluate.main(cfg)
 
-    curves = _scalars(os.path.join(out, "finetune", "tensorboard"))
+    curves = _scalars(os.path.join(out, "finetune", "minimax", "tensorboard"))  # the variant's folder
     assert [s for s, _ in curves["finetune/loss"]] == [1, 2] and all(np.isfinite(v) for _, v in curves["finetune/loss"])
-    previews = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "finetune", "previews", "*.png")))
+    folder = os.path.join(out, "finetune", "minimax")
+    previews = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "previews", "*.png")))
     assert previews == [f"step-{s:06d}-{k}.png" for s in (0, 1, 2) for k in ("ema", "raw")]
 
     client = mlflow.MlflowClient(f"sqlite:///{out}/mlruns/mlflow.db")

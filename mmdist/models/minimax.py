@@ -51,7 +51,7 @@ class SingleProcess:
 
 
 def embed(x: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tensor:
-    """Flatten, centre and L2-normalise latents: [B, C, H, W] -> [B, C*H*W] unit vectors (method.md §1.5)."""
+    """Flatten, centre and L2-normalise latents: [B, C, H, W] -> [B, C*H*W] unit vectors (docs/method.md §1.5)."""
     v = x.float().flatten(1)
     if center is not None:
         v = v - center.reshape(1, -1).to(v)
