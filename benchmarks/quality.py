@@ -39,7 +39,7 @@ FULL = dict(seeds=(0, 1, 2, 3, 4), seeds_50=(0, 1, 2), epochs={10: 300, 50: 60, 
             teacher_epochs=10, finetune_steps=None, sample_steps=None, max_per_class=None)
 QUICK = dict(seeds=(0,), seeds_50=(0,), epochs={10: 2, 50: 1, "full": 1}, evals=1, teacher_epochs=1,
              finetune_steps=4, sample_steps=4, max_per_class=60)
-ANCHORS = {  # ConvNet-3 on Fashion-MNIST, hard labels (DC/DSA papers)
+ANCHORS = {  # ConvNet-3 on Fashion-MNIST, hard labels: the DC and DSA papers (docs/method.md §4)
     "random": {10: 73.8, 50: 82.5}, "DC": {10: 82.3, 50: 83.6}, "DSA": {10: 84.6, 50: 88.7}, "whole data": 93.5}
 
 

@@ -1,4 +1,4 @@
-"""ImageIDC, IDC's 10-class subset (method.md §3.1, table §4.2), with the ImageWoof recipe.
+"""ImageIDC, IDC's 10-class subset (docs/method.md §3.1, table §4), with the ImageWoof recipe.
 
     ray job submit --working-dir . -- python -m jobs.imageidc \
         data.train=s3://my-bucket/imagenet/train data.test=s3://my-bucket/imagenet/val \

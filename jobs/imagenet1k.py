@@ -4,7 +4,7 @@
         data.train=s3://my-bucket/imagenet/train data.test=s3://my-bucket/imagenet/val \
         output=s3://my-bucket/mmdist/imagenet1k evaluate.teacher=s3://my-bucket/mmdist/teacher-r18
 
-The official route fine-tunes ~50 separate 20-class phases at batch 8 on one GPU each (method.md
+The official route fine-tunes ~50 separate 20-class phases at batch 8 on one GPU each (docs/method.md
 §1.11). Here one run sees about the same number of images (50 x 12k x 8 = 4.8 M vs 10k x 512 = 5.1 M).
 """
 

@@ -1,4 +1,4 @@
-"""ImageNette (method.md §3.1, table §4.2) with the ImageWoof recipe; only the classes differ.
+"""ImageNette (docs/method.md §3.1, table §4) with the ImageWoof recipe; only the classes differ.
 
     ray job submit --working-dir . -- python -m jobs.imagenette \
         data.train=s3://my-bucket/imagenet/train data.test=s3://my-bucket/imagenet/val \

@@ -1,4 +1,4 @@
-"""ImageWoof with the paper's recipe (method.md §1-§3): DiT-XL/2-256, DiffFit + minimax, IDC evaluation.
+"""ImageWoof with the paper's recipe (docs/method.md §1-§3): DiT-XL/2-256, DiffFit + minimax, IDC evaluation.
 
     ray job submit --working-dir . -- python -m jobs.imagewoof \
         data.train=s3://my-bucket/imagenet/train data.test=s3://my-bucket/imagenet/val \

@@ -16,7 +16,7 @@ from ray import tune
 from jobs import imagewoof, run_sweep
 from mmdist.config import Config
 
-# around the paper's 0.002 / 0.008 / 64 / 4.0 (method.md §1.7, §2)
+# around the paper's 0.002 / 0.008 / 64 / 4.0 (docs/method.md §1.7, §2)
 SPACE = {
     "finetune.minimax.lambda_rep": tune.loguniform(5e-4, 2e-2),
     "finetune.minimax.lambda_div": tune.loguniform(2e-3, 5e-2),

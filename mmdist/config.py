@@ -92,7 +92,7 @@ class DataConfig(_Section):
     model_class_ids: tuple[int, ...] | None = opt(
         None,
         "the backbone's class id for each kept class (ImageNet indices for DiT-XL/2); None means "
-        "0..K-1. method.md §1.2: conditioning on a wrong id silently ruins a run", ge=0, nonempty=True,
+        "0..K-1. docs/method.md §1.2: conditioning on a wrong id silently ruins a run", ge=0, nonempty=True,
     )
     image_size: int = opt(28, "square side in pixels after the ADM centre crop", ge=8, le=4096)
     channels: Literal[1, 3] = opt(1, "1 keeps grayscale, 3 converts to RGB")
@@ -116,7 +116,7 @@ class EncodeConfig(_Section):
     encoder: str = opt(
         "identity",
         "identity (pixel space, for tiny images) or an AutoencoderKL hub id / folder, "
-        "e.g. stabilityai/sd-vae-ft-ema (method.md §1.1: fine-tuning encodes with ft-EMA)", kind="uri",
+        "e.g. stabilityai/sd-vae-ft-ema (docs/method.md §1.1: fine-tuning encodes with ft-EMA)", kind="uri",
     )
     encoder_subfolder: str | None = opt(None, "subfolder of the VAE inside its repo (e.g. 'vae')", kind="uri")
     scaling_factor: float | None = opt(None, "latent scale; None reads it from the VAE config (0.18215 for SD)",
@@ -133,7 +133,7 @@ class EncodeConfig(_Section):
 
 @dataclass(frozen=True, kw_only=True)
 class MinimaxConfig(_Section):
-    """The two extra losses of Minimax Diffusion (method.md §1.6-1.7)."""
+    """The two extra losses of Minimax Diffusion (docs/method.md §1.6-1.7)."""
 
     representativeness: bool = opt(True, "use R_c = 1 - min cos(prediction, real memory)")
     diversity: bool = opt(True, "use V_c = max cos(prediction, prediction memory)")
@@ -144,7 +144,7 @@ class MinimaxConfig(_Section):
     center: Literal["none", "dataset_mean"] = opt(
         "dataset_mean",
         "subtract the real data's mean latent before the cosine. Pixel-space cosines saturate "
-        "near 1 on the shared background (ray-notes calibration); SD latents are near-centred, "
+        "near 1 on the shared background (docs/ray-notes.md, calibration); SD latents are near-centred, "
         "so the paper recipes use none",
     )
     _section = "finetune.minimax"
@@ -171,7 +171,7 @@ class TrainConfig(_Section):
         "run's EMA then holds what it trained. Off, decay**steps of the starting weights stay in the EMA "
         "(the paper: 0.9999 over 12k steps keeps 30 %)",
     )
-    hflip: bool = opt(True, "random horizontal flip of the latent (method.md §1.2 flips images)")
+    hflip: bool = opt(True, "random horizontal flip of the latent (docs/method.md §1.2 flips images)")
     mixed_precision: Literal["no", "bf16"] = opt("no", "bf16 autocast of the forward pass (GPU)")
     num_workers: int = opt(1, "Ray Train workers (DDP ranks)", ge=1)
     use_gpu: bool = opt(False, "one GPU per worker")
@@ -206,7 +206,7 @@ class PretrainConfig(TrainConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class FinetuneConfig(TrainConfig):
-    """Minimax fine-tuning of a pretrained DiT (method.md §1)."""
+    """Minimax fine-tuning of a pretrained DiT (docs/method.md §1)."""
 
     backbone: str = opt(
         "embedded",
@@ -218,7 +218,7 @@ class FinetuneConfig(TrainConfig):
         "difffit", "difffit: biases, scale factors in the first half of the blocks, class table (paper)"
     )
     minimax: MinimaxConfig = opt(MinimaxConfig(), "the minimax losses")
-    class_dropout: float = opt(0.1, "label dropout kept on during fine-tuning (method.md §1.4)", ge=0, lt=1)
+    class_dropout: float = opt(0.1, "label dropout kept on during fine-tuning (docs/method.md §1.4)", ge=0, lt=1)
     _section = "finetune"
 
     def variant(self, method: str) -> FinetuneConfig:
@@ -249,7 +249,7 @@ class SampleConfig(_Section):
     guidance_channels: int | None = opt(
         None, "guide only the first N latent channels (DiT and the paper: 3 of 4); None guides all", ge=1,
     )
-    use_ema: bool = opt(True, "sample from the EMA weights (method.md §1.10)")
+    use_ema: bool = opt(True, "sample from the EMA weights (docs/method.md §1.10)")
     decoder: str | None = opt(
         None, "VAE that decodes samples (paper: stabilityai/sd-vae-ft-mse); None uses encode.encoder", kind="uri",
     )
@@ -372,6 +372,18 @@ class Config(_Section):
     sample: SampleConfig = opt(SampleConfig(), "sampling stage")
     evaluate: EvaluateConfig = opt(EvaluateConfig(), "evaluation stage")
     ray: RayConfig = opt(RayConfig(), "Ray cluster")
+    tracking: Literal["tensorboard", "mlflow"] = opt(
+        "tensorboard",
+        "experiment tracking of training steps and evaluation trials: tensorboard (event files under the "
+        "output, always written) or mlflow (also MLflow runs; needs pip install 'mmdist[mlflow]')",
+    )
+    tracking_uri: str | None = opt(
+        None, "MLflow tracking URI (http://host:5000, databricks, sqlite:///path); None: <output>/mlruns", kind="uri",
+    )
+    preview_every: int = opt(
+        100, "training steps between preview grids (EMA and raw weights, a few images per class) written to "
+        "<stage>/previews and the tracker; 0 turns them off", ge=0,
+    )
 
     def _checks(self) -> None:
         """Checks across sections: everything a later stage would find out after hours of work."""
@@ -444,7 +456,8 @@ def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted((k if isinstance(k, str) and k.isidentifier() else _show(k)) for k in raw if k not in fields)
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown field (known: {', '.join(sorted(fields))})")
+        known = [f"{prefix}{f}" for f in fields] + [name for name, _, _ in describe(cls, prefix)]
+        raise ConfigError(unknown_field(f"{prefix}{unknown[0]}", known))
     kwargs = {k: coerce(hints[k], v, f"{prefix}{k}", from_dict) for k, v in raw.items()}
     return cls(**kwargs)
 
@@ -464,12 +477,23 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         parts = key.split(".")
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
-                raise ConfigError(f"{key}: unknown field")
+                raise ConfigError(unknown_field(key, [name for name, _, _ in describe()]))
             node = node[part]
         if parts[-1] not in node:
-            raise ConfigError(f"{key}: unknown field")
+            raise ConfigError(unknown_field(key, [name for name, _, _ in describe()]))
         node[parts[-1]] = value
     return Config.from_dict(raw)
+
+
+def unknown_field(name: str, known: list[str]) -> str:
+    """'<name>: unknown field' with the closest known names, e.g. 'did you mean sample.ipc?'."""
+    import difflib
+
+    leaf = name.rsplit(".", 1)[-1]
+    # a right name in the wrong section (sample.lr -> finetune.lr), else the nearest spellings
+    close = difflib.get_close_matches(name, known, 2, 0.8) + [k for k in known if k.rsplit(".", 1)[-1] == leaf]
+    close = list(dict.fromkeys(close))[:3]
+    return f"{name}: unknown field" + (f" (did you mean {' or '.join(close)}?)" if close else "")
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -9,9 +9,11 @@ as a skip rather than crash on.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import os
 import posixpath
+import shutil
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -29,6 +31,7 @@ FASHION_MNIST_CLASSES = (
 )
 MAX_ASPECT = 64  # a 1 x 100000 strip would be resized to 28 x 2.8M pixels by the centre crop
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+CACHE = os.path.join(os.path.expanduser("~"), ".cache", "mmdist")
 _IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
@@ -66,21 +69,6 @@ class SplitIndex:
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_idx(path: str) -> np.ndarray:
-    """Read an IDX file (optionally gzipped) into a numpy array."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise DataError(f"{path}: not an IDX file")
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise DataError(f"{path}: truncated IDX file ({body.size} of {int(np.prod(dims))} values)")
-    return body.reshape(dims)
-
-
 def _find_idx(folder: str, stem: str) -> str | None:
     """The IDX file for ``stem`` in ``folder`` (plain or .gz, either naming style)."""
     for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
@@ -90,36 +78,44 @@ def _find_idx(folder: str, stem: str) -> str | None:
     return None
 
 
+def _torchvision_root(folder: str) -> str | None:
+    """A torchvision FashionMNIST root with ``folder``'s IDX files unpacked (cached); None if any is missing."""
+    stems = [stem for pair in _IDX_FILES.values() for stem in pair]
+    sources = [_find_idx(folder, stem) for stem in stems]
+    if None in sources:
+        return None
+    key = "|".join(f"{p}:{os.path.getmtime(p)}" for p in sources)
+    root = os.path.join(CACHE, "fashion-mnist-" + hashlib.sha1(key.encode()).hexdigest()[:12])
+    if not os.path.isdir(root):  # torchvision reads only unpacked files; Debian ships them gzipped
+        tmp = os.path.join(f"{root}.tmp-{os.getpid()}", "FashionMNIST", "raw")
+        os.makedirs(tmp, exist_ok=True)
+        for src, stem in zip(sources, stems):
+            with (gzip.open if src.endswith(".gz") else open)(src, "rb") as fin, \
+                    open(os.path.join(tmp, stem), "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+        try:
+            os.rename(f"{root}.tmp-{os.getpid()}", root)
+        except OSError:  # another worker of this node unpacked it first
+            shutil.rmtree(f"{root}.tmp-{os.getpid()}")
+    return root
+
+
 @lru_cache(maxsize=4)
 def load_fashion_mnist(folder: str, split: str, download: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [N, 28, 28], labels int64 [N]) of a Fashion-MNIST split."""
-    stems = _IDX_FILES[split]
-    paths = [_find_idx(folder, s) for s in stems]
-    if None in paths:
-        if not download:
-            raise DataError(
-                f"Fashion-MNIST not found in {folder} (install the Debian package dataset-fashion-mnist, "
-                "or set data.download=true on a machine that is online)")
-        paths = _download_fashion_mnist(split)
-    images, labels = _read_idx(paths[0]), _read_idx(paths[1]).astype(np.int64)
-    if images.shape[0] != labels.shape[0]:
-        raise DataError(f"Fashion-MNIST {split}: {images.shape[0]} images but {labels.shape[0]} labels")
-    return images, labels
+    """(images uint8 [N, 28, 28], labels int64 [N]) of a split, read by torchvision from ``folder``'s
+    IDX files or, without them and with ``download``, from torchvision's download (online machines)."""
+    from torchvision.datasets import FashionMNIST
 
-
-def _download_fashion_mnist(split: str) -> list[str]:
-    """Fetch Fashion-MNIST with torchvision (online machines only)."""
-    cache = os.path.join(os.path.expanduser("~"), ".cache", "mmdist")
+    root = _torchvision_root(folder)
+    hint = "run `mmdist data` (it installs Debian's dataset-fashion-mnist, or downloads where online)"
+    if root is None and not download:
+        raise DataError(f"Fashion-MNIST not found in {folder}: {hint}")
     try:
-        from torchvision.datasets import FashionMNIST
-
-        ds = FashionMNIST(cache, train=split == "train", download=True)
-    except Exception as e:  # network errors come in many types
-        raise DataError(
-            "Fashion-MNIST not found locally (install the Debian package dataset-fashion-mnist) and the "
-            f"download failed: {type(e).__name__}") from None
-    raw = ds.raw_folder
-    return [p for p in (_find_idx(raw, s) for s in _IDX_FILES[split]) if p]
+        ds = FashionMNIST(root or os.path.join(CACHE, "download"), train=split == "train", download=root is None)
+    except Exception as e:  # network errors come in many types; torchvision asserts on malformed files
+        what = "not found in {} and the download failed" if root is None else "files in {} are unreadable"
+        raise DataError(f"Fashion-MNIST {what.format(folder)} ({type(e).__name__}): {hint}") from None
+    return ds.data.numpy(), ds.targets.numpy()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,7 +233,7 @@ def _select(cfg: DataConfig, split: str, found: dict[str, list[Item]],
 
 
 def center_crop_arr(image: Image.Image, size: int) -> Image.Image:
-    """ADM's centre crop (method.md §1.2): box-halve while >= 2x, bicubic resize, crop."""
+    """ADM's centre crop (docs/method.md §1.2): box-halve while >= 2x, bicubic resize, crop."""
     while min(*image.size) >= 2 * size:
         image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
     scale = size / min(*image.size)

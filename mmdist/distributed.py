@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmdist import artifacts, schema, storage, training
+from mmdist import artifacts, schema, storage, tracking, training
 from mmdist.config import Config, TrainConfig
 from mmdist.errors import ArtifactError
 from mmdist.models import diffusion
@@ -135,9 +135,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train per-worker loop: restore, then train_step over the shard until ``steps``."""
     import ray.train
     import ray.train.torch
-    from ray.experimental.tqdm_ray import tqdm
 
     cfg = Config.from_dict(loop_config["config"])
+    if not log.handlers:  # a worker process has no handler for our INFO step lines; Ray forwards stderr
+        log.addHandler(logging.StreamHandler())
+        log.propagate = False
+    log.setLevel(logging.INFO)
     stage, latents, stats = loop_config["stage"], loop_config["latents"], loop_config["stats"]
     tcfg = train_config(cfg, stage)
     context = ray.train.get_context()
@@ -167,14 +170,17 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         autocast=tcfg.mixed_precision if device.type == "cuda" else "no",
     )
     collective = TorchCollective() if world > 1 else SingleProcess()
+    tracker = tracking.TrainTracker(cfg, stage, loop_config["folder"], latents, loop_config["mlflow_uri"],
+                                    device, state.step) if rank == 0 else None
+    if tracker and state.step == 0:
+        tracker.maybe_preview(state.model, state.ema, 0, last=False)  # where training starts from
     shard = ray.train.get_dataset_shard("train")
     local_batch = tcfg.global_batch_size // world
-    bar = tqdm(total=tcfg.steps, desc=f"{stage} steps") if rank == 0 else None
-    bar_every = max(1, min(tcfg.log_every, tcfg.steps // 50))  # each update is a log line off-terminal
-    if bar:
-        bar.update(state.step)
+    # progress is the step line (with its ETA), not a tqdm_ray bar: a Train worker's bar outlives
+    # the worker on the driver and reprints beside everything printed after it
     running: dict[str, list[float]] = {}
-    tick = time.time()
+    tick = started = time.time()
+    first = state.step
     while state.step < tcfg.steps:
         epoch_seed = derive_seed(tcfg.seed, stage, rank, "epoch", state.step)
         batches = shard.iter_torch_batches(batch_size=local_batch, drop_last=True, device=device,
@@ -191,8 +197,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 collective.seconds = 0.0
             for k, v in metrics.items():
                 running.setdefault(k, []).append(v)
-            if bar and state.step % bar_every == 0:
-                bar.update(bar_every)
             last = state.step >= tcfg.steps
             if state.step % tcfg.log_every == 0 or last:
                 row = {k: float(np.mean(v)) for k, v in running.items()}
@@ -200,15 +204,22 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 row["steps_per_second"] = len(running["loss"]) / max(time.time() - tick, 1e-9)
                 state.history.append(row)
                 running, tick = {}, time.time()
-                if rank == 0:
-                    log.warning("%s step %d: %s", stage, state.step,
-                                " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
+                if tracker:
+                    left = (time.time() - started) / (state.step - first) * (tcfg.steps - state.step)
+                    log.info("%s step %d/%d (%d%%, %dm%02ds left): %s", stage, state.step, tcfg.steps,
+                             100 * state.step // tcfg.steps, left // 60, left % 60,
+                             " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
+                    tracker.metrics(row, state.step)
+            if tracker:
+                tracker.maybe_preview(state.model, state.ema, state.step, last)
             if state.step % tcfg.checkpoint_every == 0 or last:
+                if tracker:
+                    tracker.flush()
                 _report_checkpoint(state, rank, stage)
             if last:
                 break
-    if bar:
-        bar.close()
+    if tracker:
+        tracker.close()
 
 
 def _resume(state: training.TrainState, latest: Any, rank: int) -> None:
@@ -280,6 +291,7 @@ def fit(cfg: Config, stage: str, fp: str, folder: str | None = None) -> dict[str
 
     stats = load_tensors(storage.read_bytes(storage.join(latents_dir, schema.STATS)))
     folder = folder or artifacts.stage_dir(cfg, stage)
+    mlflow_uri = tracking.mlflow_uri(cfg)
     ray_runtime.init(cfg.ray)
     workers = tcfg.num_workers
     # leave one whole CPU: Ray Data's file-listing task asks for 1 CPU and cannot be told otherwise
@@ -290,7 +302,7 @@ def fit(cfg: Config, stage: str, fp: str, folder: str | None = None) -> dict[str
     columns = [schema.LATENT_MEAN, schema.LABEL] + ([] if latents["deterministic"] else [schema.LATENT_STD])
     paths = [storage.arrow_filesystem(u)[1] for u in shard_uris]
     # read tasks ask for a quarter CPU: at the default 1 CPU they starve behind the workers on a
-    # small machine and training hangs silently (ray-notes)
+    # small machine and training hangs silently (docs/ray-notes.md)
     # seeded file shuffle + preserved order: the same config gives the same batches (determinism)
     dataset = ray.data.read_parquet(paths, filesystem=fs, columns=columns, num_cpus=0.25,
                                     shuffle=ray.data.FileShuffleConfig(seed=derive_seed(tcfg.seed, stage, "files")))
@@ -302,7 +314,8 @@ def fit(cfg: Config, stage: str, fp: str, folder: str | None = None) -> dict[str
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "stage": stage, "latents": _slim(latents),
                            "backbone": _remote_backbone(cfg) if stage == "finetune" else None,
-                           "stats": stats, "threads": ray_runtime.torch_threads(cpus)},
+                           "stats": stats, "threads": ray_runtime.torch_threads(cpus), "mlflow_uri": mlflow_uri,
+                           "folder": folder},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=tcfg.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(

@@ -107,7 +107,7 @@ def plan_shards(items: list[datasets.Item], rows: int, seed: int) -> list[list[d
     Splits are indexed class by class; without the shuffle a shard would hold one class and a
     training batch's classes would depend on how Ray Data interleaves its reads. The minimax
     terms compare predictions within each class of a batch, so batches must be i.i.d. draws over
-    classes, as the paper's DistributedSampler gives (method.md §1.2): every shard is a uniform
+    classes, as the paper's DistributedSampler gives (docs/method.md §1.2): every shard is a uniform
     random sample of the split.
     """
     order = np.random.default_rng(derive_seed(seed, "encode", "rows")).permutation(len(items))

@@ -10,7 +10,6 @@ results.{md,csv,json} and accuracy.png, and every row names its protocol.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
@@ -18,12 +17,14 @@ import math
 import os
 import time
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
-from mmdist import artifacts, datasets, protocols, schema, storage
+from mmdist import artifacts, datasets, protocols, schema, storage, tracking
 from mmdist.config import Config, is_generated, to_dict
 from mmdist.errors import ConfigError, DataError
 from mmdist.models import classifiers
@@ -299,8 +300,13 @@ def _train_teacher(arch: str, x: np.ndarray, y: np.ndarray, tx: np.ndarray, ty: 
     def tensor(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.array(a)).to(device)  # Ray hands over read-only arrays
 
+    from ray.experimental.tqdm_ray import tqdm
+
+    bar = tqdm(total=epochs, desc=f"teacher {arch}", unit="epoch")  # the driver draws it, with its ETA
     acc = protocols.train_teacher(model, protocols.to_float(tensor(x), res), tensor(y),
-                                  protocols.to_float(tensor(tx), res), tensor(ty), epochs=epochs)
+                                  protocols.to_float(tensor(tx), res), tensor(ty), epochs=epochs,
+                                  progress=lambda _: bar.update(1))
+    bar.close()
     return {k: v.detach().cpu().contiguous().numpy() for k, v in model.state_dict().items()}, acc
 
 
@@ -345,6 +351,7 @@ def main(cfg: Config) -> dict[str, Any]:
     todo = [s for s in specs if s["key"] not in finished]
     prior = {(d["method"], d["ipc"]): d for d in (done or {}).get("diagnostics", [])}
     diag_todo = [k for k in diag_keys if k not in prior]
+    mlflow_uri = tracking.mlflow_uri(cfg) if todo else None
     log.info("evaluate: %d trials (%d to run), protocol %s, %s set of %d images",
              len(specs), len(todo), e.protocol, e.split, len(test_index.items))
     test = None
@@ -361,7 +368,7 @@ def main(cfg: Config) -> dict[str, Any]:
             prior[(method, ipc)] = {"method": method, "ipc": ipc,
                                     **_diagnose(cfg, teacher, sets[set_key(method, ipc, e.seeds[0])], res)}
         if todo:
-            _run_grid(cfg, todo, sets, test, classes, res, folder, fp, teacher)
+            _run_grid(cfg, todo, sets, test, classes, res, folder, fp, teacher, mlflow_uri)
         for spec in todo:
             finished[spec["key"]] = storage.read_json(storage.join(folder, "trials", f"{spec['key']}.json"))
     rows = aggregate([finished[s["key"]] for s in specs])
@@ -431,7 +438,7 @@ _REFERENCE = None
 
 
 def _run_grid(cfg: Config, todo: list[dict], sets: dict, test: tuple, classes: tuple[str, ...], res: int,
-              folder: str, fp: str, teacher: dict[str, Any] | None) -> None:
+              folder: str, fp: str, teacher: dict[str, Any] | None, mlflow_uri: str | None = None) -> None:
     """The Ray Tune grid over the unfinished trials (fractional resources, retries)."""
     import ray
     from ray import tune
@@ -467,30 +474,24 @@ def _run_grid(cfg: Config, todo: list[dict], sets: dict, test: tuple, classes: t
         tune_config=tune.TuneConfig(metric="best_acc", mode="max"),
         run_config=tune.RunConfig(name=f"eval-{fp}", storage_path=storage_path, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=e.max_failures),
-                                  callbacks=[_Progress()]),
+                                  callbacks=[_Progress(), *tracking.tune_callbacks(cfg, mlflow_uri, "evaluate")]),
     )
     _Progress.bar = tqdm(total=len(todo), desc="evaluate trials", unit="trial")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new console prints a banner whatever `verbose` says
     grid = tuner.fit()
     _Progress.bar.close()
-    errors = [r.error for r in grid if r.error is not None]
-    if errors:
-        raise errors[0]
+    if grid.errors:
+        raise grid.errors[0]
 
 
 def aggregate(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean ± std (over seeds) of best and last accuracy per (method, protocol, arch, ipc)."""
-    groups: dict[tuple, list[dict]] = {}
-    for t in trials:
-        groups.setdefault((t["method"], t["protocol"], t["arch"], t["ipc"]), []).append(t)
-    rows = []
-    for (method, proto, arch, ipc), ts in groups.items():
-        best = np.array([t["best_acc"] for t in ts])
-        last = np.array([t["last_acc"] for t in ts])
-        rows.append({"method": method, "protocol": proto, "arch": arch, "ipc": ipc,
-                     "mean": round(float(best.mean()), 2), "std": round(float(best.std()), 2),
-                     "last_mean": round(float(last.mean()), 2),
-                     "last_std": round(float(last.std()), 2), "n": len(ts)})
-    return rows
+    """Mean ± std (over seeds; numpy's population std) of best and last accuracy per (method, protocol,
+    arch, ipc), in the order the groups first appear."""
+    std = partial(pd.Series.std, ddof=0)
+    groups = pd.DataFrame(trials).groupby(["method", "protocol", "arch", "ipc"], sort=False)
+    table = groups.agg(mean=("best_acc", "mean"), std=("best_acc", std), last_mean=("last_acc", "mean"),
+                       last_std=("last_acc", std), n=("best_acc", "size"))
+    return table.round(2).reset_index().to_dict("records")
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -520,11 +521,7 @@ def write_tables(folder: str, rows: list[dict[str, Any]], table: str, diagnosed:
     storage.write_json(storage.join(folder, "results.json"), rows)
     if diagnosed:
         storage.write_json(storage.join(folder, "diagnostics.json"), list(diagnosed))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    storage.write_bytes(storage.join(folder, "results.csv"), buf.getvalue().encode())
+    storage.write_bytes(storage.join(folder, "results.csv"), pd.DataFrame(rows).to_csv(index=False).encode())
     storage.write_bytes(storage.join(folder, "accuracy.png"), plot(rows))
 
 
@@ -546,6 +543,7 @@ def plot(rows: list[dict[str, Any]]) -> bytes:
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", label=method,
                         capsize=3)
         ax.set_title(arch)
+        ax.set_xticks(sorted({r["ipc"] for r in rows if r["arch"] == arch and r["method"] != "full"}))  # whole IPCs
         ax.set_xlabel("images per class")
         ax.set_ylabel("test accuracy (%)")
         ax.legend()

@@ -1,4 +1,4 @@
-"""Stage 3 — finetune: minimax fine-tuning of a pretrained DiT (method.md §1) on Ray Train.
+"""Stage 3 — finetune: minimax fine-tuning of a pretrained DiT (docs/method.md §1) on Ray Train.
 
 DiffFit parameters by default, label dropout on, EMA kept; the two minimax terms are computed
 over per-class memories that are all-gathered every step. Besides ``minimax`` (the paper), the

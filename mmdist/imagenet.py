@@ -1,8 +1,8 @@
 """The ImageNet subsets of the paper's tables, as (wnid, ImageNet-1K index, name) tuples.
 
-From the official repo's class files (method.md §3.1). The index is DiT-XL/2's class condition;
+From the official repo's class files (docs/method.md §3.1). The index is DiT-XL/2's class condition;
 the wnid is the folder name in an ImageNet train/val tree. Conditioning on a wrong index
-silently ruins a run (method.md §1.2), so the jobs take both from here, never from folder order.
+silently ruins a run (docs/method.md §1.2), so the jobs take both from here, never from folder order.
 """
 
 from __future__ import annotations

@@ -2,12 +2,12 @@
 
 Plain single-device PyTorch; ``mmdist.evaluate`` runs these as Ray Tune trials.
 
-- ``hard`` — IDC's recipe (method.md §3.3): RandomResizedCrop(scale 0.5-1) + flip + colour jitter
+- ``hard`` — IDC's recipe (docs/method.md §3.3): RandomResizedCrop(scale 0.5-1) + flip + colour jitter
   + PCA lighting (RGB only) + normalisation, CutMix on every batch, SGD 0.01 / 0.9 / 5e-4, batch 64,
   LR x0.2 at 2/3 and 5/6 of training, epochs 2000/1500/1000 by IPC; reports the best and the last
   test accuracy. For small images (<= 64 px: Fashion-MNIST, CIFAR) IDC trains with DSA instead of
   the ImageNet crop (``dsa``), still with CutMix; either can be chosen by name.
-- ``soft`` — RDED's recipe (method.md §3.5): a teacher relabels each augmented, CutMix-ed batch;
+- ``soft`` — RDED's recipe (docs/method.md §3.5): a teacher relabels each augmented, CutMix-ed batch;
   the student minimises KL at temperature 20 (x T^2); AdamW 1e-3, wd 0.01, the schedule
   0.5 (1 + cos(pi e / 2E)) that ends at half the LR; 300 epochs. RDED's 2x2 patch mosaics belong
   to its own synthesis, not to the evaluation of other sets, and are not used.
@@ -49,7 +49,7 @@ class Protocol:
 
 
 def hard_epochs(ipc: int, num_classes: int) -> int:
-    """IDC's epochs by IPC (10 classes); x2/3 rounded down to 100 for 100+ classes (method.md §3.3)."""
+    """IDC's epochs by IPC (10 classes); x2/3 rounded down to 100 for 100+ classes (docs/method.md §3.3)."""
     epochs = 2000 if ipc <= 10 else 1500 if ipc <= 50 else 1000
     if num_classes >= 100:
         epochs = epochs * 2 // 3 // 100 * 100

@@ -1,7 +1,7 @@
 """Starting or joining a Ray cluster, and sizing work to the resources it has.
 
 On a 2-core laptop, Ray hangs silently when training workers hold every CPU and Ray Data's read
-tasks can never be scheduled (ray-notes). So nothing here hard-codes one CPU per worker: shares
+tasks can never be scheduled (docs/ray-notes.md). So nothing here hard-codes one CPU per worker: shares
 are computed from the cluster, leaving room for data tasks.
 """
 
@@ -25,6 +25,8 @@ def init(cfg: RayConfig) -> None:
     # Ray Data's progress bars fight with ours; its execution banner drowns a laptop's log
     DataContext.get_current().enable_progress_bars = False
     DataContext.get_current().print_on_execution_start = False
+    # a failing UDF raises our own error (RayTaskError.cause), not a bare UserCodeException
+    DataContext.get_current().raise_original_map_exception = True
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     if ray.is_initialized():
         return

@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Any
 
-from mmdist import artifacts, storage
+from mmdist import artifacts, storage, tracking
 from mmdist.config import Config
 
 log = logging.getLogger("mmdist")
@@ -31,6 +31,7 @@ def main(cfg: Config, stages: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Run the (selected) stages; print a per-stage cost summary at the end."""
     todo = [s for s in planned_stages(cfg) if stages is None or s in stages]
     cfg.check_stages(todo)
+    tracking.mlflow_uri(cfg)  # refuses a missing MLflow, or warns about an unreachable one, before any stage
     if "evaluate" in todo and cfg.evaluate.teacher:
         from mmdist.evaluate import check_teacher
 

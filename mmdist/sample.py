@@ -128,15 +128,11 @@ def decode_png(data: bytes) -> np.ndarray:
     return (arr[:, :, None] if arr.ndim == 2 else arr).transpose(2, 0, 1)
 
 
-def grid(images: list[np.ndarray], cols: int, pad: int = 2) -> np.ndarray:
-    """Tile uint8 [C, H, W] images into one [C, H', W'] image, row-major."""
-    c, h, w = images[0].shape
-    rows = (len(images) + cols - 1) // cols
-    out = np.full((c, rows * (h + pad) + pad, cols * (w + pad) + pad), 255, np.uint8)
-    for i, img in enumerate(images):
-        r, k = divmod(i, cols)
-        out[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = img
-    return out
+def grid(images: list[np.ndarray], cols: int) -> np.ndarray:
+    """Tile uint8 [C, H, W] images row-major into one uint8 [3, H', W'] image (white 2-px gaps)."""
+    from torchvision.utils import make_grid
+
+    return make_grid(torch.from_numpy(np.stack(images)), nrow=cols, padding=2, pad_value=255).numpy()
 
 
 def labelled_grid(rows: list[tuple[str, list[np.ndarray]]], scale: int = 3) -> Image.Image:
@@ -147,8 +143,7 @@ def labelled_grid(rows: list[tuple[str, list[np.ndarray]]], scale: int = 3) -> I
     cols = max(len(imgs) for _, imgs in rows)
     body = grid([img for _, imgs in rows for img in imgs + [np.full((c, h, w), 255, np.uint8)] * (cols - len(imgs))],
                 cols=cols)
-    arr = body.transpose(1, 2, 0)
-    image = Image.fromarray(arr[:, :, 0] if c == 1 else arr).convert("RGB")
+    image = Image.fromarray(body.transpose(1, 2, 0))
     image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     label_w = 110
     canvas = Image.new("RGB", (image.width + label_w, image.height), "white")

@@ -3,7 +3,7 @@
 # Latent shards (encode -> pretrain/finetune)
 LATENT_MEAN = "latent_mean"  # posterior mean of the encoder, unscaled (pixels for identity)
 LATENT_STD = "latent_std"  # posterior std; absent for deterministic encoders
-LABEL = "label"  # local label 0..K-1, the memory key (method.md §1.2 "ry")
+LABEL = "label"  # local label 0..K-1, the memory key (docs/method.md §1.2 "ry")
 CLASS_NAME = "class_name"
 SOURCE_ID = "source_id"  # where the row came from: file path or "<split>:<index>"
 

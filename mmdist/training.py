@@ -60,7 +60,7 @@ def build_state(model: nn.Module, *, trainable: str, lr: float, weight_decay: fl
     """Mark the trainable set, start the EMA from the current weights, and make AdamW."""
     params = diffusion.mark_trainable(model, trainable)
     ema = {name: p.detach().clone() for name, p in params.items()}
-    # AdamW with the default betas (0.9, 0.999), constant lr (DiffFit / method.md §1.8)
+    # AdamW with the default betas (0.9, 0.999), constant lr (DiffFit / docs/method.md §1.8)
     opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=weight_decay)
     return TrainState(model, params, ema, opt, objective)
 
@@ -85,7 +85,7 @@ def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
     the EMA follows the weights closely early on and the starting weights' share vanishes
     polynomially, so a short run (300 fine-tuning steps, a 1,500-step pretrain) samples what it
     trained rather than mostly its initialisation. Without warm-up the share left after T steps is
-    decay**T (the paper's 0.9999 over 12k steps keeps 30 % of the pretrained DiT: method.md §1.10).
+    decay**T (the paper's 0.9999 over 12k steps keeps 30 % of the pretrained DiT: docs/method.md §1.10).
     """
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
 

@@ -1,5 +1,6 @@
 """The command line: bad input ends in one clear line and exit status 2, never a traceback wall."""
 
+import os
 import subprocess
 import sys
 
@@ -66,3 +67,72 @@ def test_config_prints_the_resolved_config_and_options_lists_fields():
     assert code == 0 and '"ipc": 3' in out and '"name": "smoke"' in out
     code, out, _ = mmdist("options")
     assert code == 0 and "finetune.minimax.lambda_div = 0.008" in out
+
+
+def test_version_sections_and_did_you_mean():
+    code, out, _ = mmdist("--version")
+    assert code == 0 and out.startswith("mmdist ") and out.split()[1][0].isdigit()
+    code, out, _ = mmdist("options", "finetune.minimax")
+    names = [ln.split(" = ")[0] for ln in out.splitlines() if not ln.startswith(" ")]
+    assert code == 0 and names and all(n.startswith("finetune.minimax.") for n in names), out
+    one_line_error(*mmdist("options", "finetun")[::2], "unknown section", "did you mean finetune?")
+    one_line_error(*mmdist("config", "finetune.lambda_rep=0.1")[::2], "did you mean finetune.minimax.lambda_rep?")
+    one_line_error(*mmdist("config", "tracking=nonsense")[::2], "tracking", "not one of")
+    one_line_error(*mmdist("plan", "--smoke", "finetun")[::2], "unknown stage 'finetun'", "did you mean finetune?")
+
+
+def test_data_without_the_files_or_a_download_is_one_line(tmp_path):
+    code, _, err = mmdist("data", "--smoke", f"data.train={tmp_path}/nowhere", "data.download=false")
+    one_line_error(code, err, "Fashion-MNIST", f"{tmp_path}/nowhere", "apt-get install dataset-fashion-mnist")
+
+
+def test_plan_reads_the_artifacts_without_running_anything(smoke_run, tmp_path):
+    import dataclasses
+
+    from mmdist import plan
+
+    cfg, _ = smoke_run
+    assert [(r["stage"], r["state"]) for r in plan.stage_states(cfg)] == [
+        (s, "done") for s in ("encode", "pretrain", "finetune", "sample", "evaluate")]
+    changed = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, steps=3))
+    rows = {r["stage"]: r for r in plan.stage_states(changed)}
+    assert rows["encode"]["state"] == rows["pretrain"]["state"] == "done"
+    assert rows["finetune"]["state"] == "stale" and "finetune.steps 2 -> 3" in rows["finetune"]["detail"]
+    assert rows["sample"]["state"] == "to do" and rows["sample"]["detail"] == "after finetune"
+    fresh = dataclasses.replace(cfg, output=str(tmp_path / "fresh"))
+    assert {r["state"] for r in plan.stage_states(fresh)} == {"to do"}
+    # a started, unfinished evaluation of this config resumes: 'current'
+    import shutil
+
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(cfg.output, resumed)
+    os.remove(os.path.join(resumed, "eval", "manifest.json"))
+    rows = plan.stage_states(dataclasses.replace(cfg, output=resumed), only=["evaluate"])
+    trials = len(os.listdir(os.path.join(resumed, "eval", "trials")))
+    assert trials and [(r["state"], r["detail"]) for r in rows] == [("current", f"{trials} trial results written")]
+
+
+def test_errors_from_ray_tasks_data_udfs_and_train_workers_reach_the_user_as_ours(ray_cluster):
+    import ray
+    from ray.train import WorkerGroupError
+
+    from mmdist.cli import error_line
+    from mmdist.errors import DataError
+
+    @ray.remote
+    def task():
+        raise DataError("bad task")
+
+    class Udf:
+        def __call__(self, batch):
+            raise DataError("bad block")
+
+    with pytest.raises(Exception) as raised:
+        ray.get(task.remote())
+    assert error_line(raised.value) == "bad task"
+    with pytest.raises(Exception) as raised:
+        ray.data.from_items([{"a": 1}]).map_batches(Udf, compute=ray.data.ActorPoolStrategy(size=1),
+                                                     num_cpus=0.25).materialize()
+    assert error_line(raised.value) == "bad block"  # Ray Data appends retry advice on more lines
+    assert error_line(WorkerGroupError("rank 0 failed", {0: DataError("bad step")})) == "bad step"
+    assert error_line(RuntimeError("a bug of ours")) is None  # a traceback, not a one-liner

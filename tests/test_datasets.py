@@ -81,3 +81,47 @@ def test_adm_center_crop_matches_its_definition():
     img = Image.fromarray(np.arange(300 * 200 * 3, dtype=np.uint32).reshape(200, 300, 3).astype(np.uint8))
     out = datasets.center_crop_arr(img, 64)
     assert out.size == (64, 64)  # box-halved once (200 -> 100), bicubic to short side 64, centre crop
+
+
+def _idx(path, array, gz):
+    """Write ``array`` (uint8) as an IDX file, gzipped or plain."""
+    import gzip
+
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_files_in_any_folder_are_read_by_torchvision(tmp_path, monkeypatch, gz):
+    """The Debian layout (gzipped) or plain files; a truncated file is a clear DataError."""
+    monkeypatch.setattr(datasets, "CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "fm"
+    folder.mkdir()
+    arrays = {}
+    for split, (images, labels) in datasets._IDX_FILES.items():
+        n = 7 if split == "train" else 3
+        arrays[split] = (rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.uint8))
+        _idx(folder / (images + (".gz" if gz else "")), arrays[split][0], gz)
+        _idx(folder / (labels + (".gz" if gz else "")), arrays[split][1], gz)
+    for split in ("train", "test"):
+        x, y = datasets.load_fashion_mnist(str(folder), split, False)
+        assert np.array_equal(x, arrays[split][0]) and np.array_equal(y, arrays[split][1]) and y.dtype == np.int64
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in folder.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    name = datasets._IDX_FILES["test"][0] + (".gz" if gz else "")
+    truncated = np.zeros((3, 28, 28), np.uint8)
+    _idx(broken / name, truncated, gz)
+    raw = (broken / name).read_bytes()
+    if gz:
+        import gzip
+
+        raw = gzip.compress(gzip.decompress(raw)[:-100])
+    else:
+        raw = raw[:-100]
+    (broken / name).write_bytes(raw)  # the header promises 3 x 28 x 28 bytes, the body has fewer
+    with pytest.raises(DataError, match="unreadable"):
+        datasets.load_fashion_mnist(str(broken), "test", False)

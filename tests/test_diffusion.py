@@ -15,7 +15,7 @@ def tiny(classes=10, size=16, channels=1, learn_sigma=True):
 
 
 def test_difffit_trainable_set_on_dit_xl2_is_the_papers():
-    """method.md §1.3: biases + 14x4 gammas + the whole class table, ~1.74 M on DiT-XL/2."""
+    """docs/method.md §1.3: biases + 14x4 gammas + the whole class table, ~1.74 M on DiT-XL/2."""
     with torch.device("meta"):
         model = D.create_dit("DiT-XL/2", sample_size=32, in_channels=4, num_classes=1000)
     params = D.mark_trainable(model, "difffit")

@@ -1,4 +1,4 @@
-"""The minimax objective against a line-by-line re-statement of the paper's code (method.md §1.6-1.7).
+"""The minimax objective against a line-by-line re-statement of the paper's code (docs/method.md §1.6-1.7).
 
 The reference keeps Python-list FIFO memories and loops over classes exactly as the official
 train_dit.py does; our ring buffers, vectorised extrema and cross-rank reduction must give the
@@ -96,7 +96,7 @@ def test_switches_turn_each_term_off():
 
 
 def test_centring_changes_saturated_cosines():
-    """Pixel images share a background: raw cosines sit near 1, centred ones do not (ray-notes)."""
+    """Pixel images share a background: raw cosines sit near 1, centred ones do not (docs/ray-notes.md)."""
     base = torch.ones(1, 64) * 0.8
     x = base + 0.05 * torch.randn(8, 64)
     raw = MinimaxObjective(1, 64, center=None).embed(x)

@@ -115,7 +115,7 @@ def test_ema_warmup_schedule_and_the_share_of_the_start_left():
     assert training.ema_decay_at(1, 0.999, warmup=True) == pytest.approx(2 / 11)
     assert training.ema_decay_at(100_000, 0.999, warmup=True) == 0.999
     assert training.ema_decay_at(1, 0.999, warmup=False) == 0.999
-    # method.md §1.10: 300 steps at 0.999 keep 74 % of the backbone; 12k at 0.9999 keep 30 %
+    # docs/method.md §1.10: 300 steps at 0.999 keep 74 % of the backbone; 12k at 0.9999 keep 30 %
     assert training.ema_start_share(300, 0.999, warmup=False) == pytest.approx(0.999 ** 300)
     assert training.ema_start_share(12_000, 0.9999, warmup=False) == pytest.approx(0.30, abs=0.01)
     assert training.ema_start_share(300, 0.999, warmup=True) < 1e-6

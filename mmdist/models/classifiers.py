@@ -1,4 +1,4 @@
-"""Test networks for evaluation (method.md §3.2), as a registry; single-device plain PyTorch.
+"""Test networks for evaluation (docs/method.md §3.2), as a registry; single-device plain PyTorch.
 
 - ``convnet``: IDC/DC ConvNet, depth from the resolution (3 at 28-32 px, 6 at 224-256 px), 128
   channels, instance norm, ReLU, 2x2 average pooling. On 1-channel 28 px input the first conv pads

@@ -5,7 +5,7 @@ This is the only module that imports diffusers. Everything is single-device plai
 Two facts about diffusers' ``DiTTransformer2DModel`` shape this file:
 - every block carries its own copy of the timestep/class embedder (the DiT checkpoint
   conversion copies one table into all 28 blocks). We tie them back into one module, as in the
-  original DiT, so fine-tuning trains one class table (method.md §1.3), and untie on export.
+  original DiT, so fine-tuning trains one class table (docs/method.md §1.3), and untie on export.
 - its label dropout is drawn independently in every block. We set it to 0 and drop labels
   ourselves, once per sample, as DiT does (see ``drop_labels``).
 """
@@ -40,7 +40,7 @@ class DiTSize:
 
 DIT_SIZES: dict[str, DiTSize] = {
     "tiny": DiTSize(2, 2, 16, 4),
-    # the embedded default: ray-notes calibration, 2.1 M parameters, ~150 img/s on one core
+    # the embedded default: docs/ray-notes.md calibration, 2.1 M parameters, ~150 img/s on one core
     "fashion-mnist": DiTSize(6, 4, 32, 4),
     # DiT paper Table 1 (S/B/L/XL), patch 2
     "DiT-S/2": DiTSize(12, 6, 64, 2),
@@ -173,7 +173,7 @@ def save_dit(model: nn.Module, folder: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# DiffFit (method.md §1.3): biases + per-block scales in the first half + the class table
+# DiffFit (docs/method.md §1.3): biases + per-block scales in the first half + the class table
 # ----------------------------------------------------------------------------------------------
 
 

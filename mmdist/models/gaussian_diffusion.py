@@ -41,7 +41,7 @@ class GaussianDiffusion:
         return self._at(self.sqrt_ac, t, x0) * x0 + self._at(self.sqrt_one_minus_ac, t, x0) * noise
 
     def predict_x0(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Predicted clean latent from the epsilon prediction (method.md §1.5)."""
+        """Predicted clean latent from the epsilon prediction (docs/method.md §1.5)."""
         return self._at(self.sqrt_recip_ac, t, xt) * xt - self._at(self.sqrt_recipm1_ac, t, xt) * eps
 
     def losses(self, model_out: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,

@@ -1,4 +1,4 @@
-"""The minimax objective of Minimax Diffusion (method.md §1.5-1.7), single-device plain PyTorch.
+"""The minimax objective of Minimax Diffusion (docs/method.md §1.5-1.7), single-device plain PyTorch.
 
 Per class c, with P_c the batch's predicted clean latents of class c, M_c the real-latent memory
 and D_c the prediction memory (both FIFO, detached, updated after the loss):
@@ -51,7 +51,7 @@ class SingleProcess:
 
 
 def embed(x: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tensor:
-    """Flatten, centre and L2-normalise latents: [B, C, H, W] -> [B, C*H*W] unit vectors (method.md §1.5)."""
+    """Flatten, centre and L2-normalise latents: [B, C, H, W] -> [B, C*H*W] unit vectors (docs/method.md §1.5)."""
     v = x.float().flatten(1)
     if center is not None:
         v = v - center.reshape(1, -1).to(v)

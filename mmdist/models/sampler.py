@@ -1,6 +1,6 @@
 """Class-conditional sampling with classifier-free guidance, single-device plain PyTorch.
 
-The guidance loop is ours because diffusers' DiTPipeline hard-codes 1000 classes (ray-notes).
+The guidance loop is ours because diffusers' DiTPipeline hard-codes 1000 classes (docs/ray-notes.md).
 Guidance follows DiT's ``forward_with_cfg``: the conditional and unconditional passes run as one
 doubled batch; guided eps = uncond + s * (cond - uncond) on the first ``guidance_channels``
 channels (DiT and the paper: 3 of 4); the other eps channels and the variance come from the
