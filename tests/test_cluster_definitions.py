@@ -116,7 +116,8 @@ def test_kuberay_manifest_structure(name):
         gpus = ray_container["resources"]["limits"].get("nvidia.com/gpu")
         if gpus:
             check = pod["initContainers"][0]
-            assert check["command"][-1].endswith("check_gpu.py") and check["resources"]["limits"]["nvidia.com/gpu"] == gpus
+            assert check["command"][-1].endswith("check_gpu.py")
+            assert check["resources"]["limits"]["nvidia.com/gpu"] == gpus
 
 
 def test_kuberay_autoscaler_permissions_go_to_the_head_account_only():
