@@ -268,7 +268,7 @@ def main(cfg: Config) -> dict[str, Any]:
     if todo:
         sets = build_sets(cfg, classes)
         test = datasets.load_images(cfg.data, test_index.items, "test")
-        ray_runtime.init(cfg.ray)
+        ray_runtime.connect(cfg)
         _run_grid(cfg, todo, sets, test, classes, res, folder, fp)
         for spec in todo:
             finished[spec["key"]] = storage.read_json(storage.join(folder, "trials", f"{spec['key']}.json"))
@@ -291,7 +291,7 @@ def _run_grid(cfg: Config, todo: list[dict], sets: dict, test: tuple, classes: t
     from mmdist import ray_runtime
 
     e = cfg.evaluate
-    cpus = e.cpus_per_trial or max(0.5, min(1.0, ray_runtime.cluster_cpus() / max(len(todo), 1)))
+    cpus = ray_runtime.trial_cpus(e.cpus_per_trial, len(todo))  # Tune runs as many at once as fit
     teacher = teacher_state(cfg, test, res) if e.protocol == "soft" else None
     shared = {"config": cfg.to_dict(), "sets": {k: ray.put(v) for k, v in sets.items()}, "test": ray.put(test),
               "teacher": ray.put(teacher), "classes": list(classes), "resolution": res, "folder": folder,

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
@@ -162,21 +163,69 @@ def torch_threads(cpus: float) -> int:
 def actor_pool(configured: int, items: int, gpus_each: float) -> tuple[int, int, float]:
     """(min size, max size, CPUs per actor) of a pool working through ``items`` work items.
 
-    ``configured`` > 0 fixes the size. Otherwise a laptop gets one actor per CPU (or GPU share)
-    it has, and a cluster a range from 1 to one actor per item: the pool grows as nodes join.
+    ``configured`` > 0 fixes the size. Otherwise a laptop gets one actor per CPU (or GPU share) it
+    has; a fixed cluster as many as its nodes hold; an autoscaling one a range from 1 to one per
+    item, so that demand, not what a cold cluster has now, decides how far it grows.
     """
     items = max(1, items)
     laptop = laptop_cpus()
     if configured:
-        size = min(configured, items)
-        lo = hi = size
-    elif laptop is None:
-        lo, hi = 1, items
-    else:
+        lo = hi = min(configured, items)
+    elif laptop is not None:
         fits = int(cluster_gpus() / gpus_each) if gpus_each > 0 else int(laptop)
         lo = hi = max(1, min(items, fits))
+    elif autoscaler() is not None:
+        lo, hi = 1, items
+    else:
+        lo, hi = 1, max(1, min(items, _capacity(1.0, gpus_each)))
     cpus = share(laptop, hi, reserve=0.25) if laptop is not None else 1.0
     return lo, hi, cpus
+
+
+def _capacity(cpus_each: float, gpus_each: float) -> int:
+    """How many actors of this shape the live nodes hold when idle."""
+    total = 0
+    for n in _alive_nodes():
+        res = n["Resources"]
+        fit = int(res.get("CPU", 0) // cpus_each)
+        if gpus_each > 0:
+            fit = min(fit, int(res.get("GPU", 0) // gpus_each))
+        total += fit
+    return total
+
+
+def elastic_map(actors: list, submit: Callable[[Any, Any], Any], items: list) -> Iterator[Any]:
+    """Results of ``submit(actor, item)`` for every item, in completion order, each item given to
+    an actor as soon as that actor has started.
+
+    All actors are requested at once (pending actors are the demand an autoscaler scales on), but
+    work goes only to started ones, so a pool larger than the cluster ever holds still finishes.
+    Actors that never started are the caller's to kill, which withdraws their demand.
+    """
+    from ray.util import ActorPool
+
+    starting = {a.__ray_ready__.remote(): a for a in actors}
+    pool, queue = ActorPool([]), list(items)
+    while queue or pool.has_next():
+        ready, _ = ray.wait(list(starting), num_returns=len(starting), timeout=0) if starting else ([], [])
+        for ref in ready:
+            actor = starting.pop(ref)
+            try:
+                ray.get(ref)
+                pool.push(actor)
+            except ray.exceptions.RayActorError:  # it could not start (its node died): the others carry on
+                pass
+        while queue and pool.has_free():
+            pool.submit(submit, queue.pop(0))
+        if pool.has_next():
+            try:
+                yield pool.get_next_unordered(timeout=1.0)
+            except TimeoutError:
+                pass
+        elif starting:
+            ray.wait(list(starting), num_returns=1, timeout=1.0)
+        else:
+            raise RuntimeError("no actor of the pool could start")
 
 
 def worker_cpus(configured: float | None, workers: int) -> float:

@@ -92,7 +92,7 @@ def main(cfg: Config, space: dict[str, Any], num_samples: int = 8,
 
     for key in space:
         getattr_dotted(cfg, key)  # a typo in the space fails here, not in every trial
-    ray_runtime.init(cfg.ray)
+    ray_runtime.connect(cfg)
     base = shared_base(cfg)
     root = storage.join(cfg.output, "sweep")
     storage_path = storage.join(root, "tune")
