@@ -101,17 +101,24 @@ def autoscaler() -> dict[str, float] | None:
     """What an autoscaler may add: its node types' total resources ({} if it does not say); None without one.
 
     KubeRay and the v2 autoscaler publish their node groups in the GCS; the launcher's v1
-    autoscaler (`ray up`, fake_multinode) only publishes a status, without node types.
+    autoscaler (`ray up`, fake_multinode) only publishes a status, without their resources. Every
+    head publishes that status, but one without an autoscaling config names each node's type
+    after the node itself ("node_<id>"): only a real autoscaler has named node types.
     """
+    import json
+
     try:
         from ray._private.state import state
+        from ray.experimental.internal_kv import _internal_kv_get
 
         most = state.get_max_resources_from_cluster_config()
         if most:
             return {k: float(v) for k, v in most.items()}
-        from ray.experimental.internal_kv import _internal_kv_get
-
-        return {} if _internal_kv_get("__autoscaling_status") else None
+        raw = _internal_kv_get("__autoscaling_status")
+        report = (json.loads(raw).get("autoscaler_report") or {}) if raw else {}
+        types = report.get("node_type_mapping") or {}
+        named = any(t != f"node_{node}" for node, t in types.items())
+        return {} if named or report.get("pending_launches") else None
     except Exception:  # private APIs: a Ray that moved them has no autoscaler we can see
         return None
 
