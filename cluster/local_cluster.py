@@ -25,6 +25,7 @@ instance on the machine, other people's included.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -102,6 +103,24 @@ class Node:
             pass
 
 
+def _fake_autoscaler_config(gcs_address: str, worker_types: dict[str, dict]) -> dict:
+    """A cluster config for Ray's fake_multinode provider: a 0-CPU head and ``worker_types``."""
+    return {
+        "cluster_name": "mmdist-local", "max_workers": sum(t.get("max_workers", 1) for t in worker_types.values()),
+        "upscaling_speed": 1.0, "idle_timeout_minutes": 0.2,  # idle nodes go after ~12 s
+        "provider": {"type": "fake_multinode", "gcs_address": gcs_address, "use_node_id_as_ip": True,
+                     "disable_node_updaters": True, "disable_launch_config_check": True},
+        "auth": {"ssh_user": "ubuntu"}, "docker": {},
+        "available_node_types": {"ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+                                 **{k: {"node_config": {}, "min_workers": 0, **v} for k, v in worker_types.items()}},
+        "head_node_type": "ray.head.default",
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
+        "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+    }
+
+
 def _signal_session(sid: int, sig: int) -> None:
     """Send ``sig`` to every process whose session id is ``sid`` (a node started with setsid).
 
@@ -131,21 +150,33 @@ class LocalCluster:
 
     # -- head -----------------------------------------------------------------------------------
 
-    def start_head(self, timeout: float = 300.0) -> None:
-        """`ray start --head` with 0 CPUs; returns when the job server answers."""
+    def start_head(self, autoscale: dict[str, dict] | None = None, timeout: float = 300.0) -> None:
+        """`ray start --head` with 0 CPUs; returns when the job server answers.
+
+        ``autoscale`` (worker node types as in a launcher YAML's ``available_node_types``) runs
+        Ray's own autoscaler on the head with its fake_multinode provider, which starts worker
+        nodes on this machine as demand asks (sharing its disk: they are not private).
+        """
         gcs, dash, client, agent, agent_grpc, metrics, renv, node_mgr, obj_mgr = free_ports(9)
         temp_dir = os.path.join(self.base_dir, "head")  # Unix socket paths stay under ~107 bytes
         os.makedirs(temp_dir, exist_ok=True)
         env = _node_env(self.env)
         if self.credentials:  # the head's own credentials, as a file (its instance role)
             env["AWS_SHARED_CREDENTIALS_FILE"] = self.credentials
+        extra: list[str] = []
+        if autoscale:
+            path = os.path.join(self.base_dir, "autoscaler.yaml")
+            with open(path, "w") as f:
+                json.dump(_fake_autoscaler_config(f"127.0.0.1:{gcs}", autoscale), f)  # JSON is YAML
+            extra.append(f"--autoscaling-config={path}")
+            env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
         cmd = [os.path.join(BIN, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
                f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
                f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
                f"--runtime-env-agent-port={renv}", f"--node-manager-port={node_mgr}",
                f"--object-manager-port={obj_mgr}", "--num-cpus=0", "--num-gpus=0", f"--temp-dir={temp_dir}",
-               *self.head_args]
+               *extra, *self.head_args]
         self.head = self._spawn("head", "127.0.0.1", cmd, env, temp_dir)
         self.gcs_address, self.dashboard_url = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
         deadline = time.time() + timeout
@@ -155,6 +186,7 @@ class LocalCluster:
             try:
                 with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2) as r:
                     if r.status == 200:
+                        self.head.ip = self._head_ip() or self.head.ip
                         return
             except OSError:
                 pass
@@ -209,6 +241,16 @@ class LocalCluster:
             return {n.node_ip for n in list_nodes(address=self.dashboard_url, filters=[("state", "=", "ALIVE")])}
         except Exception:  # the state API is not up yet: nothing is alive as far as we can tell
             return set()
+
+    def _head_ip(self) -> str | None:
+        """The address the head registered with (Ray may replace a loopback address by the machine's)."""
+        from ray.util.state import list_nodes
+
+        try:
+            return next((n.node_ip for n in list_nodes(address=self.dashboard_url, detail=True) if n.is_head_node),
+                        None)
+        except Exception:  # the state API is not up yet
+            return None
 
     # -- plumbing -------------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 sys.path.insert(0, os.path.join(ROOT, "cluster"))
 
-from local_cluster import LocalCluster  # noqa: E402
+from local_cluster import AWS_KEYS, LocalCluster  # noqa: E402
 
 WORKER_CPUS = 3  # one 2-CPU training worker per node, and a CPU left for Ray Data's tasks
 CLASSES = ("T-shirt/top", "Trouser")  # the smoke preset's
@@ -115,7 +115,7 @@ def submit(cluster: LocalCluster, job_id: str, args: list[str], module: str = "j
     """`ray job submit --working-dir <repo> -- python -m <module> <args>`; returns (status, logs, cli)."""
     from ray.job_submission import JobSubmissionClient
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") or k == "AWS_ENDPOINT_URL"}
+    env = {k: v for k, v in os.environ.items() if k not in AWS_KEYS}
     env.pop("RAY_ADDRESS", None)
     env["PATH"] = BIN + os.pathsep + env.get("PATH", "")
     client = JobSubmissionClient(cluster.dashboard_url)
@@ -130,6 +130,14 @@ def submit(cluster: LocalCluster, job_id: str, args: list[str], module: str = "j
     else:
         pytest.fail(f"ray job submit was refused:\n{cli.stderr[-3000:]}")
     return str(client.get_job_status(job_id)), client.get_job_logs(job_id), cli
+
+
+def driver_env(cluster: LocalCluster) -> dict[str, str]:
+    """The environment of a driver on the head's machine joining the cluster: the head's credentials
+    file as its profile, no AWS keys."""
+    env = {k: v for k, v in os.environ.items() if k not in AWS_KEYS}
+    env.update(RAY_ADDRESS=cluster.gcs_address, AWS_SHARED_CREDENTIALS_FILE=cluster.credentials)
+    return env
 
 
 def error_line(logs: str) -> str:
