@@ -330,8 +330,9 @@ def check_reach(cfg: Config) -> None:
     except (OSError, ArtifactError) as e:
         raise ArtifactError(f"the driver (node {driver_ip}) cannot write the output {cfg.output}: {e}") from None
     try:
-        probe = ray.remote(_probe).options(num_cpus=0, max_retries=0)
-        refs = [(n, probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+        probe = ray.remote(_probe)
+        refs = [(n, probe.options(num_cpus=0, max_retries=0,
+                                  scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                  .remote(cfg.output, folder, token, n["NodeID"], _inputs(cfg))) for n in nodes]
         for node, ref in refs:
             try:

@@ -59,20 +59,32 @@ def _data_args(train, test):
 
 
 def _objects(prefix):
-    """{relative path: sha256} of the objects under an s3:// prefix."""
+    """{relative path: sha256} of the objects under an s3:// prefix.
+
+    A model's config.json is hashed without ``_name_or_path``: diffusers records there the folder
+    the model was loaded from, which is a node's cache path, not part of the model.
+    """
+    import json
+
     import s3fs
 
     fs = s3fs.S3FileSystem()
     fs.invalidate_cache()
     root = prefix.removeprefix("s3://")
-    return {os.path.relpath(p, root): hashlib.sha256(fs.cat_file(p)).hexdigest() for p in fs.find(root)}
+    out = {}
+    for path in fs.find(root):
+        data, rel = fs.cat_file(path), os.path.relpath(path, root)
+        if rel.endswith(("model/config.json", "model_ema/config.json")):
+            data = json.dumps({k: v for k, v in json.loads(data).items() if k != "_name_or_path"}).encode()
+        out[rel] = hashlib.sha256(data).hexdigest()
+    return out
 
 
 def _artifact_bytes(objects):
     """The files whose bytes depend only on the config: no manifests, run records or timings."""
     def kept(rel):
         parts = rel.split("/")
-        if parts[-1] == "manifest.json" or {"ray", "tune", "trials", "classes"} & set(parts):
+        if parts[-1] in ("manifest.json", "history.json", ".") or {"ray", "tune", "trials", "classes"} & set(parts):
             return False
         return parts[-1] != "config.json" or parts[-2] in ("model", "model_ema")  # a model's config is its shape
 
