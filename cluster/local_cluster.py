@@ -229,6 +229,7 @@ class LocalCluster:
                 if n.ip in want and not n.alive:
                     raise RuntimeError(f"{n.name} exited: {self._tail(n)}")
             if want <= self.alive_ips():
+                self.head.ip = self._head_ip() or self.head.ip
                 return
             time.sleep(1)
         raise TimeoutError(f"worker nodes {sorted(want)} did not join within {timeout:.0f} s")

@@ -172,7 +172,7 @@ def test_gpus_asked_of_a_cpu_only_cluster_are_refused_naming_the_field(two_nodes
                                                  "finetune.use_gpu=true"])
     line = error_line(logs)
     assert status == "FAILED" and "finetune.use_gpu" in line and "no node of this Ray cluster has one" in line, logs
-    assert f"{two_nodes.head.ip} (CPU 0, GPU 0)" in line
+    assert "(CPU 0, GPU 0)" in line and all(f"{n.ip} (CPU {WORKER_CPUS}, GPU 0)" in line for n in two_nodes.workers)
     assert not _objects(f"{bucket}/gpus")
 
 
