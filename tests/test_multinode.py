@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from conftest import SECRET, smoke_config
+from conftest import smoke_config
 from multinode import (
     CLASSES,
     WORKER_CPUS,
@@ -185,8 +185,12 @@ def test_aws_keys_of_a_joining_driver_reach_no_runtime_env_and_no_log(two_nodes,
     from ray.util.state import list_runtime_envs
 
     bucket, train, test = store
-    keys = {"AWS_ACCESS_KEY_ID": "AKIAJOININGDRIVER7Q", "AWS_SECRET_ACCESS_KEY": SECRET,
-            "AWS_SESSION_TOKEN": "session-token-of-the-driver-5d1e"}
+    import uuid
+
+    # fresh values: the suite's own SECRET is in conftest.py, which every job's working_dir upload
+    # copies onto the nodes
+    keys = {k: f"{k.lower()}-{uuid.uuid4().hex}" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                            "AWS_SESSION_TOKEN")}
     env = {**driver_env(two_nodes), **keys}
     proc = subprocess.run([sys.executable, "-m", "mmdist", "evaluate", "--smoke", "--output", f"{bucket}/creds",
                            *_data_args(train, test), "evaluate.methods=[random]"],
