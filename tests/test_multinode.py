@@ -219,6 +219,18 @@ def test_aws_keys_of_a_joining_driver_reach_no_runtime_env_and_no_log(two_nodes,
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def upstream(ray_cluster, store):
+    """Latents, a pretrained and a fine-tuned model on S3 for the node-loss tests (made on one node:
+    what is tested is what happens after them)."""
+    from mmdist import run
+
+    bucket, train, test = store
+    run.main(smoke_config(f"{bucket}/upstream", data={"source": "parquet", "train": train, "test": test}),
+             stages=("encode", "pretrain", "finetune"))
+    return f"{bucket}/upstream"
+
+
 def _node_of(two_nodes, class_name):
     """The worker node hosting a live actor of ``class_name`` (None if none is alive yet)."""
     from ray.util.state import list_actors, list_nodes
@@ -252,13 +264,13 @@ def _driver(two_nodes, stage, output, args):
 
 
 @pytest.mark.fault
-def test_losing_a_node_mid_finetune_resumes_from_s3_and_finishes(two_nodes, store, pipeline):
+def test_losing_a_node_mid_finetune_resumes_from_s3_and_finishes(two_nodes, store, upstream):
     import s3fs
 
     bucket, train, test = store
     out = f"{bucket}/node-loss-ft"
     for stage in ("latents", "pretrain"):
-        _copy(f"{pipeline['output']}/{stage}", f"{out}/{stage}")
+        _copy(f"{upstream}/{stage}", f"{out}/{stage}")
     args = [*_data_args(train, test), "finetune.num_workers=2", "finetune.steps=100", "finetune.checkpoint_every=10",
             "finetune.log_every=10"]
     proc = _driver(two_nodes, "finetune", out, args)
@@ -292,7 +304,7 @@ def _registered(fs, path):
 
 
 @pytest.mark.fault
-def test_losing_a_node_mid_sampling_redoes_its_classes_byte_identically(ray_cluster, two_nodes, store, pipeline):
+def test_losing_a_node_mid_sampling_redoes_its_classes_byte_identically(ray_cluster, two_nodes, store, upstream):
     from mmdist import sample
 
     bucket, train, test = store
@@ -301,7 +313,7 @@ def test_losing_a_node_mid_sampling_redoes_its_classes_byte_identically(ray_clus
     out = f"{bucket}/node-loss-sample"
     for dst in (reference, out):
         for stage in ("latents", "pretrain", "finetune"):
-            _copy(f"{pipeline['output']}/{stage}", f"{dst}/{stage}")
+            _copy(f"{upstream}/{stage}", f"{dst}/{stage}")
     sample.main(smoke_config(reference, data={"source": "parquet", "train": train, "test": test},
                              sample={"ipc": 8, "steps": 60, "batch_size": 1, "baseline": False}))
     proc = _driver(two_nodes, "sample", out, [*_data_args(train, test), *fields])
