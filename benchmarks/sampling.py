@@ -6,7 +6,7 @@ Setup (built here): 4 Fashion-MNIST classes in pixel space (identity encoder, 28
 with ``mmdist.encode.main`` (8 images per class: only the manifest matters here), and a randomly
 initialised DiT of the ``fashion-mnist`` size (6 layers, 4 heads x 32, patch 4, learned sigma).
 ``mmdist.sample.main`` needs a finished fine-tune artifact; instead of training one, the
-benchmark publishes that DiT as ``<output>/finetune/model_ema`` with ``artifacts.publish``
+benchmark publishes that DiT as the minimax variant with ``mmdist.finetune.adopt``
 (sampling cost does not depend on the weights). Sampler: the paper's DDPM with the learned
 variance, classifier-free guidance 4.0 on every channel, ``sample.baseline`` off (one variant).
 
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import sys
 import time
 
@@ -84,15 +83,10 @@ def make_dit(folder: str, latents: dict, seed: int = 0) -> str:
 
 
 def publish_finetune(cfg: object, latents: dict, dit: str) -> None:
-    """Stand in for a fine-tune: the DiT as <output>/finetune/model{,_ema} under a published manifest."""
-    from mmdist import artifacts
+    """Stand in for a fine-tune: the DiT as the minimax variant, published without training."""
+    from mmdist import finetune
 
-    folder = artifacts.stage_dir(cfg, "finetune")
-    for name in ("model", "model_ema"):
-        shutil.copytree(dit, os.path.join(folder, name))
-    artifacts.publish(folder, "finetune", artifacts.fingerprint(cfg, "finetune", [latents]), cfg,
-                      model="model", model_ema="model_ema", backbone=dit, steps=0, history=[],
-                      note="benchmark stand-in: random weights, no training")
+    finetune.adopt(cfg, dit, note="benchmark stand-in: random weights, no training")
 
 
 # ----------------------------------------------------------------------------------------------

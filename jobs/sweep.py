@@ -1,4 +1,5 @@
-"""A Ray Tune search over λ_rep, λ_div, memory size and guidance scale on ImageWoof (IPC 10).
+"""A Ray Tune search over λ_rep, λ_div, memory size and guidance scale on ImageWoof (IPC 10),
+selected on a validation split held out of the train images, reported on the test split.
 
     ray job submit --working-dir . -- python -m jobs.sweep \
         data.train=s3://my-bucket/imagenet/train data.test=s3://my-bucket/imagenet/val \
@@ -27,9 +28,10 @@ SPACE = {
 def config() -> Config:
     """jobs.imagewoof scored on its headline cell: ResNetAP-10 at IPC 10 (paper 39.2), 3 seeds."""
     base = imagewoof.config()
+    # trials are scored on 50 held-out train images per class; the test split scores the winner only
     return replace(base, name="imagewoof-sweep", output="s3://YOUR-BUCKET/mmdist/imagewoof-sweep",
-                   sample=replace(base.sample, ipc=10),
-                   evaluate=replace(base.evaluate, archs=("resnet_ap10",), ipcs=(10,), seeds=(0, 1, 2)))
+                   data=replace(base.data, val_per_class=50), sample=replace(base.sample, ipc=10),
+                   evaluate=replace(base.evaluate, archs=("resnet_ap10",), ipcs=(10,), seeds=(0, 1, 2), split="val"))
 
 
 if __name__ == "__main__":

@@ -31,9 +31,11 @@ SECTIONS = {"encode": ("data", "encode"), "pretrain": ("pretrain",), "finetune":
 
 
 def stage_dir(cfg: Config, stage: str) -> str:
-    """The folder of a stage's artifact."""
+    """The folder of a stage's artifact (an evaluation on the validation split is eval-val/)."""
     if stage == "encode" and cfg.latents:
         return cfg.latents
+    if stage == "evaluate" and cfg.evaluate.split == "val":
+        return storage.join(cfg.output, FOLDERS[stage] + "-val")
     return storage.join(cfg.output, FOLDERS[stage])
 
 

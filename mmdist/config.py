@@ -68,9 +68,13 @@ class DataConfig:
     channels: Literal[1, 3] = opt(1, "1 keeps grayscale, 3 converts to RGB")
     max_per_class: int | None = opt(None, "keep the first N images of each class (sorted); None keeps all")
     download: bool = opt(True, "fashion-mnist only: fall back to torchvision's downloader if the IDX files are missing")
+    val_per_class: int = opt(
+        0, "hold out this many train images per class (seeded) as a validation split: encode, random and full "
+        "never see them, and evaluate.split=val tests on them (what a search selects on)")
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 8, "data.image_size", "must be at least 8")
+        _check(self.val_per_class >= 0, "data.val_per_class", "must be >= 0")
         _check(self.max_per_class is None or self.max_per_class > 0, "data.max_per_class", "must be positive")
         if self.classes is not None:
             _check(len(self.classes) > 0, "data.classes", "must not be empty")
@@ -222,6 +226,16 @@ class FinetuneConfig(TrainConfig):
         super().__post_init__()
         _check(0 <= self.class_dropout < 1, "finetune.class_dropout", "must be in [0, 1)")
 
+    def variant(self, method: str) -> FinetuneConfig:
+        """This fine-tuning with the loss weights of an ablation row (everything else identical)."""
+        mm = self.minimax
+        weights = {"minimax": (mm.lambda_rep, mm.lambda_div), "finetune": (0.0, 0.0),
+                   "representativeness": (mm.lambda_rep, 0.0), "diversity": (0.0, mm.lambda_div)}
+        if method not in weights:
+            raise ConfigError(f"{method!r} is not a fine-tuned method; choose from {sorted(weights)}")
+        rep, div = weights[method]
+        return dataclasses.replace(self, minimax=dataclasses.replace(mm, lambda_rep=rep, lambda_div=div))
+
 
 @dataclass(frozen=True, kw_only=True)
 class SampleConfig:
@@ -242,7 +256,12 @@ class SampleConfig:
     decoder: str | None = opt(
         None, "VAE that decodes samples (paper: stabilityai/sd-vae-ft-mse); None uses encode.encoder"
     )
-    baseline: bool = opt(True, "also sample the un-fine-tuned backbone (the paper's 'DiT' column)")
+    baseline: bool = opt(True, "also sample the un-fine-tuned backbone (the paper's 'diffusion' row) even when "
+                               "evaluate.methods does not list it")
+    oversample: int = opt(
+        4, "<method>+select variants (beyond the paper, opt-in): draw oversample x ipc candidates per class and keep "
+        "the ipc that best cover the class's real latents (greedy facility location on centred cosines)")
+    select_reference: int = opt(512, "+select: real latents per class that the selection covers")
     seed: int = opt(0, "image k of class c uses derive_seed(seed, 'sample', c, k)")
     num_actors: int = opt(0, "sampling actors; 0 sizes the pool from the cluster")
     num_gpus_per_actor: float = opt(0.0, "GPUs per actor; 0.5 puts two actors on one GPU")
@@ -256,6 +275,8 @@ class SampleConfig:
         _check(self.num_actors >= 0, "sample.num_actors", "must be >= 0")
         _check(self.guidance_channels is None or self.guidance_channels > 0, "sample.guidance_channels",
                "must be positive")
+        _check(self.oversample >= 1, "sample.oversample", "must be >= 1 (candidates per kept image)")
+        _check(self.select_reference > 0, "sample.select_reference", "must be positive")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -265,8 +286,17 @@ class EvaluateConfig:
     protocol: Literal["hard", "soft"] = opt("hard", "hard: IDC one-hot recipe; soft: RDED teacher relabelling")
     methods: tuple[str, ...] = opt(
         ("minimax", "diffusion", "random"),
-        "rows of the table: minimax, diffusion (un-fine-tuned), random (real subset), full, distilled",
+        "rows of the table. Generated: minimax (the paper), finetune (same fine-tuning, both lambdas 0), "
+        "representativeness / diversity (one term only), diffusion (no fine-tuning), and <any of these>+select "
+        "(sample.oversample candidates, the best-covering ipc kept). Real: random (a random subset per seed), "
+        "full (the whole train split), distilled (evaluate.distilled)",
     )
+    split: Literal["test", "val"] = opt(
+        "test", "where accuracy is measured: test, or val (data.val_per_class images held out of the train split; "
+        "what a hyperparameter search must select on)")
+    diagnostics: bool = opt(
+        True, "for every generated set: the teacher's accuracy on it (class fidelity) and precision / recall / "
+        "density / coverage against real train images in the teacher's feature space")
     distilled: str | None = opt(None, "an ImageFolder of distilled images from any method, evaluated as 'distilled'")
     archs: tuple[str, ...] = opt(("convnet",), "test networks from mmdist.models.classifiers (or timm:<name>)")
     ipcs: tuple[int, ...] = opt((10,), "images per class to evaluate")
@@ -276,10 +306,16 @@ class EvaluateConfig:
     batch_size: int = opt(64, "train batch (IDC: 64)")
     lr: float | None = opt(None, "None: the protocol's (hard SGD 0.01, soft AdamW 0.001)")
     evals: int = opt(2, "test passes during training; the best and the last are reported")
-    augment: bool = opt(True, "the protocol's augmentations and CutMix")
-    teacher: str | None = opt(None, "soft: a teacher checkpoint folder; None trains one on the real train split")
-    teacher_arch: str = opt("convnet", "soft: architecture of the teacher trained when none is given")
-    teacher_epochs: int = opt(15, "soft: epochs of teacher training on the real train split")
+    augment: Literal["auto", "idc", "dsa", "rded", "none"] = opt(
+        "auto",
+        "train-time augmentation, CutMix on top unless none. auto: dsa for <=64 px under hard (IDC's small-image "
+        "setting), idc (RandomResizedCrop + flip + colour jitter + lighting) for larger, rded (crop + flip) for soft",
+    )
+    teacher: str | None = opt(
+        None, "soft labels and diagnostics: a teacher folder made by mmdist, or a weights file (.safetensors, or a "
+        "torchvision/timm .pth state dict) of evaluate.teacher_arch; None trains one on the real train split")
+    teacher_arch: str = opt("convnet", "architecture of the teacher (trained, or of the weights file given)")
+    teacher_epochs: int = opt(15, "epochs of teacher training on the real train split")
     temperature: float = opt(20.0, "soft: KL temperature (RDED: 20)")
     cpus_per_trial: float | None = opt(None, "CPUs per trial; None fits one trial per CPU")
     gpus_per_trial: float = opt(0.0, "GPUs per trial (fractions run several trials per GPU)")
@@ -287,8 +323,11 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         _check(len(self.methods) > 0, "evaluate.methods", "must not be empty")
-        bad = [m for m in self.methods if m not in EVAL_METHODS]
-        _check(not bad, "evaluate.methods", f"unknown {bad}; choose from {list(EVAL_METHODS)}")
+        bad = [m for m in self.methods if not is_method(m)]
+        _check(not bad, "evaluate.methods",
+               f"unknown {bad}; choose from {list(EVAL_METHODS)} or <generated>+select")
+        _check(len(set(self.methods)) == len(self.methods), "evaluate.methods", "has duplicates")
+        _check(self.teacher_epochs > 0, "evaluate.teacher_epochs", "must be positive")
         _check(len(self.archs) > 0, "evaluate.archs", "must not be empty")
         from mmdist.models.classifiers import check_arch
 
@@ -305,7 +344,28 @@ class EvaluateConfig:
         _check(self.temperature > 0, "evaluate.temperature", "must be positive")
 
 
-EVAL_METHODS = ("minimax", "diffusion", "random", "full", "distilled")
+# Rows of the evaluation. Generated sets come from a fine-tuned variant of the backbone (or the
+# backbone itself); the ablations differ from minimax only in the two loss weights.
+GENERATED_METHODS = ("minimax", "finetune", "representativeness", "diversity", "diffusion")
+FINETUNED_METHODS = ("minimax", "finetune", "representativeness", "diversity")
+REAL_METHODS = ("random", "full", "distilled")
+EVAL_METHODS = GENERATED_METHODS + REAL_METHODS
+SELECT = "+select"
+
+
+def base_method(method: str) -> str:
+    """The generated method a +select variant draws its candidates from (itself otherwise)."""
+    return method[: -len(SELECT)] if method.endswith(SELECT) else method
+
+
+def is_method(method: str) -> bool:
+    """A known row name: one of EVAL_METHODS or <generated method>+select."""
+    return method in EVAL_METHODS or (method.endswith(SELECT) and base_method(method) in GENERATED_METHODS)
+
+
+def is_generated(method: str) -> bool:
+    """Whether a row is a sampled set (and so has samples/<method>/)."""
+    return base_method(method) in GENERATED_METHODS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -341,6 +401,15 @@ class Config:
         _check(self.encode.encoder == "identity" or self.data.channels == 3, "data.channels",
                "must be 3 when encode.encoder is a VAE (it takes RGB images)")
         _check(self.sample.ipc <= 10_000, "sample.ipc", "must be at most 10000")
+        selects = [m for m in self.evaluate.methods if m.endswith(SELECT)]
+        _check(not selects or self.sample.oversample > 1, "sample.oversample",
+               f"must be > 1 for {selects[0] if selects else ''} (with 1 there is nothing to select from)")
+        _check(self.evaluate.split == "test" or self.data.val_per_class > 0, "evaluate.split",
+               "val needs data.val_per_class > 0 (the images to hold out of the train split)")
+        big = [k for k in self.evaluate.ipcs if k > self.sample.ipc]
+        generated = [m for m in self.evaluate.methods if is_generated(m)]
+        _check(not (big and generated), "evaluate.ipcs",
+               f"IPC {big[0] if big else ''} is larger than sample.ipc={self.sample.ipc} (the generated sets' size)")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict; ``Config.from_dict`` inverts it."""

@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from mmdist import schema, storage
 from mmdist.config import DataConfig
 from mmdist.errors import DataError
+from mmdist.seeding import derive_seed
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -126,23 +127,32 @@ def _download_fashion_mnist(split: str) -> list[str]:
 
 
 def index_split(cfg: DataConfig, split: str = "train") -> SplitIndex:
-    """List the images of a split; classes follow ``cfg.classes`` (or sorted names)."""
+    """List the images of a split; classes follow ``cfg.classes`` (or sorted names).
+
+    ``val`` is ``data.val_per_class`` images per class held out of the train files (a seeded
+    choice); ``train`` is what is left, so no stage that trains ever sees a validation image.
+    """
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"unknown split {split!r}")
+    if split == "val" and cfg.val_per_class == 0:
+        raise DataError("data.val_per_class is 0: there is no validation split")
     if split == "test" and cfg.source != "fashion-mnist" and cfg.test is None:
         raise DataError("data.test is not set: evaluation needs a real test split")
     if cfg.source == "fashion-mnist":
         return _index_fashion_mnist(cfg, split)
-    root = cfg.train if split == "train" else cfg.test
+    root = cfg.test if split == "test" else cfg.train
     found = _scan_imagefolder(root) if cfg.source == "imagefolder" else _scan_parquet(root)
     return _select(cfg, split, found)
 
 
 def _index_fashion_mnist(cfg: DataConfig, split: str) -> SplitIndex:
     """Index the Fashion-MNIST arrays as items (row = array index)."""
-    _, labels = load_fashion_mnist(cfg.train, split, cfg.download)
+    files = "test" if split == "test" else "train"
+    _, labels = load_fashion_mnist(cfg.train, files, cfg.download)
     found: dict[str, list[Item]] = {c: [] for c in FASHION_MNIST_CLASSES}
     for i, y in enumerate(labels.tolist()):
         name = FASHION_MNIST_CLASSES[y]
-        found[name].append(Item(f"{split}:{i}", name, -1, uri=None, row=i))
+        found[name].append(Item(f"{files}:{i}", name, -1, uri=None, row=i))
     return _select(cfg, split, found, default_order=FASHION_MNIST_CLASSES)
 
 
@@ -202,6 +212,13 @@ def _select(cfg: DataConfig, split: str, found: dict[str, list[Item]],
         if not members:
             problems.append({"kind": "empty_class", "class": name, "split": split})
             continue
+        if split != "test" and cfg.val_per_class:
+            if len(members) <= cfg.val_per_class:
+                raise DataError(f"data.val_per_class: class {name!r} has {len(members)} train images, "
+                                f"not more than the {cfg.val_per_class} to hold out")
+            held = set(np.random.default_rng(derive_seed(0, "val", name)).permutation(len(members))
+                       [: cfg.val_per_class].tolist())
+            members = [m for i, m in enumerate(members) if (i in held) == (split == "val")]
         if cfg.max_per_class is not None and split == "train":
             members = members[: cfg.max_per_class]
         label = len(classes)
@@ -272,7 +289,7 @@ def _parquet_images(uri: str) -> list[bytes]:
 def load_item(cfg: DataConfig, item: Item, split: str = "train") -> np.ndarray:
     """Load one image as uint8 [H, W, C] at ``cfg.image_size``; DataError if it is bad."""
     if cfg.source == "fashion-mnist":
-        images, _ = load_fashion_mnist(cfg.train, split, cfg.download)
+        images, _ = load_fashion_mnist(cfg.train, "test" if split == "test" else "train", cfg.download)
         image = Image.fromarray(images[item.row])
         if cfg.channels == 3:
             image = image.convert("RGB")

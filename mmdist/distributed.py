@@ -271,8 +271,9 @@ def _report_checkpoint(state: training.TrainState, rank: int, stage: str) -> Non
 # ----------------------------------------------------------------------------------------------
 
 
-def fit(cfg: Config, stage: str, fp: str) -> dict[str, Any]:
-    """Train on the latent shards with Ray Train and export the model; returns manifest fields."""
+def fit(cfg: Config, stage: str, fp: str, folder: str | None = None) -> dict[str, Any]:
+    """Train on the latent shards with Ray Train and export the model to ``folder`` (default: the
+    stage's folder); returns manifest fields."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -292,7 +293,7 @@ def fit(cfg: Config, stage: str, fp: str) -> dict[str, Any]:
     from safetensors.numpy import load as load_tensors
 
     stats = load_tensors(storage.read_bytes(storage.join(latents_dir, schema.STATS)))
-    folder = artifacts.stage_dir(cfg, stage)
+    folder = folder or artifacts.stage_dir(cfg, stage)
     ray_runtime.connect(cfg)
     workers = tcfg.num_workers
     cpus = ray_runtime.worker_cpus(tcfg.cpus_per_worker, workers)

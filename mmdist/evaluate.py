@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from mmdist import artifacts, datasets, protocols, schema, storage
-from mmdist.config import Config
+from mmdist.config import Config, is_generated, to_dict
 from mmdist.errors import ConfigError, DataError
 from mmdist.models import classifiers
+from mmdist.seeding import derive_seed
 
 log = logging.getLogger("mmdist")
 
@@ -99,21 +100,25 @@ def _check_classes(source: str, got: list[str], want: tuple[str, ...]) -> None:
         raise DataError(f"{source}: classes differ from the test set's (missing {missing[:5]}, extra {extra[:5]})")
 
 
-def build_sets(cfg: Config, test_classes: tuple[str, ...]) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
-    """(method, ipc, seed) -> uint8 images and labels; seed is None for seed-independent sets."""
+def set_key(method: str, ipc: int, seed: int) -> tuple:
+    """The key of a trial's training set: (method, ipc, seed), seed None where the set has no seed."""
+    return (method, ipc, seed if method == "random" else None)
+
+
+def build_sets(cfg: Config, test_classes: tuple[str, ...],
+               keys: set[tuple]) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
+    """``set_key`` -> uint8 images and labels, for the keys the trials to run need."""
     e = cfg.evaluate
     sets: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
-    train = datasets.index_split(cfg.data, "train") if {"random", "full"} & set(e.methods) else None
-    for method in e.methods:
-        for ipc in e.ipcs:
-            if method in ("minimax", "diffusion"):
-                sets[(method, ipc, None)] = _sampled_set(cfg, method, ipc, test_classes)
-            elif method == "distilled":
-                sets[(method, ipc, None)] = _folder_set(cfg, e.distilled, ipc, test_classes)
-            elif method == "random":
-                for seed in e.seeds:
-                    sets[(method, ipc, seed)] = _random_set(cfg, train, ipc, seed)
-        if method == "full":
+    train = datasets.index_split(cfg.data, "train") if any(k[0] in ("random", "full") for k in keys) else None
+    for method, ipc, seed in sorted(keys, key=str):
+        if is_generated(method):
+            sets[(method, ipc, None)] = _sampled_set(cfg, method, ipc, test_classes)
+        elif method == "distilled":
+            sets[(method, ipc, None)] = _folder_set(cfg, e.distilled, ipc, test_classes)
+        elif method == "random":
+            sets[(method, ipc, seed)] = _random_set(cfg, train, ipc, seed)
+        elif method == "full":
             sets[("full", 0, None)] = datasets.load_images(cfg.data, train.items, "train")
     return sets
 
@@ -146,7 +151,7 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
     torch.set_num_threads(shared["threads"])
     e = cfg.evaluate
     device = torch.device("cuda" if torch.cuda.is_available() and e.gpus_per_trial > 0 else "cpu")
-    key = (spec["method"], spec["ipc"], spec["seed"] if spec["method"] == "random" else None)
+    key = set_key(spec["method"], spec["ipc"], spec["seed"])
     # arrays from the object store are read-only; torch wants writable memory
     x, y = (np.array(a) for a in ray.get(shared["sets"][key]))
     tx, ty = (np.array(a) for a in ray.get(shared["test"]))
@@ -154,7 +159,7 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
     num_classes = len(shared["classes"])
     protocol = protocols.make_protocol(e.protocol, ipc=spec["ipc"] or 10_000, num_classes=num_classes,
                                        epochs=e.epochs, batch_size=e.batch_size, lr=e.lr, evals=e.evals,
-                                       augment=e.augment, temperature=e.temperature)
+                                       augment=e.augment, temperature=e.temperature, resolution=res)
     torch.manual_seed(spec["seed"])  # the network's initialisation depends on the trial seed alone
     model = classifiers.create(spec["arch"], in_channels=x.shape[1], num_classes=num_classes,
                                image_size=res).to(device)
@@ -178,26 +183,79 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
 
 
 def _teacher_model(state: dict[str, Any], channels: int, num_classes: int, res: int) -> torch.nn.Module:
-    """Rebuild a teacher from its saved architecture name and weights."""
+    """Rebuild a teacher from its architecture name and weights (strict: every tensor must fit)."""
     model = classifiers.create(state["arch"], in_channels=channels, num_classes=num_classes, image_size=res)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in state["weights"].items()})
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state["weights"].items()})
     return model.eval()
 
 
+TEACHER_FILES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def _load_weights(uri: str) -> dict[str, np.ndarray]:
+    """A state dict from a .safetensors file, or a torchvision/timm .pth (tensors only: weights_only)."""
+    from safetensors.numpy import load as load_tensors
+
+    data = storage.read_bytes(uri)
+    if uri.endswith(".safetensors"):
+        return load_tensors(data)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (any unpickling refusal or corrupt file)
+        raise DataError(f"evaluate.teacher: {uri} is not a readable state dict ({type(e).__name__})") from None
+    for wrapper in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise DataError(f"evaluate.teacher: {uri} holds no state dict of tensors")
+    return {k.removeprefix("module."): v.numpy() for k, v in state.items()}
+
+
+def check_teacher(cfg: Config) -> dict[str, Any]:
+    """Load ``evaluate.teacher`` and check that it is a ``teacher_arch`` classifier of the data's classes.
+
+    Raises a one-line DataError before any trial starts; returns the teacher state.
+    """
+    e = cfg.evaluate
+    classes = cfg.data.classes or datasets.index_split(cfg.data, "train").classes
+    res = e.resolution or cfg.data.image_size
+    if e.teacher.endswith(TEACHER_FILES):
+        if not storage.exists(e.teacher):
+            raise DataError(f"evaluate.teacher: {e.teacher} does not exist")
+        state = {"arch": e.teacher_arch, "weights": _load_weights(e.teacher), "key": e.teacher, "test_acc": None}
+    else:
+        manifest = storage.join(e.teacher, schema.MANIFEST)
+        if not storage.exists(manifest):
+            raise DataError(f"evaluate.teacher: {e.teacher} is neither a teacher folder made by mmdist (no "
+                            f"{schema.MANIFEST}) nor a weights file ({', '.join(TEACHER_FILES)})")
+        meta = storage.read_json(manifest)
+        state = {"arch": meta["arch"], "weights": _load_weights(storage.join(e.teacher, "model.safetensors")),
+                 "key": e.teacher, "test_acc": meta.get("test_acc")}
+    try:
+        _teacher_model(state, cfg.data.channels, len(classes), res)
+    except (RuntimeError, KeyError, ValueError) as err:
+        first = str(err).strip().splitlines()[0][:200]
+        raise DataError(f"evaluate.teacher: {e.teacher} is not a {state['arch']} classifier of the data's "
+                        f"{len(classes)} classes at {res} px ({first})") from None
+    return state
+
+
 def teacher_state(cfg: Config, test: tuple[np.ndarray, np.ndarray], res: int) -> dict[str, Any]:
-    """Load ``evaluate.teacher`` or train one on the real train split (cached under <output>/teacher)."""
+    """``evaluate.teacher``, or one trained on the real train split (cached under <output>/teacher)."""
     from safetensors.numpy import load as load_tensors
     from safetensors.numpy import save as save_tensors
 
     e = cfg.evaluate
-    folder = e.teacher or storage.join(cfg.output, "teacher",
-                                       f"{e.teacher_arch.replace(':', '_')}-{res}px-{e.teacher_epochs}ep")
+    if e.teacher:
+        return check_teacher(cfg)
+    # the cache key covers what the teacher learns from: architecture, resolution, epochs and the data
+    folder = storage.join(cfg.output, "teacher", f"{e.teacher_arch.replace(':', '_')}-{res}px-{e.teacher_epochs}ep-"
+                                                 f"{cfg.fingerprint('data')[:8]}")
     weights_uri = storage.join(folder, "model.safetensors")
     if storage.exists(storage.join(folder, schema.MANIFEST)):
         meta = storage.read_json(storage.join(folder, schema.MANIFEST))
-        return {"arch": meta["arch"], "weights": load_tensors(storage.read_bytes(weights_uri))}
-    if e.teacher:
-        raise DataError(f"evaluate.teacher: {folder} has no {schema.MANIFEST} (expected a teacher made by mmdist)")
+        return {"arch": meta["arch"], "weights": load_tensors(storage.read_bytes(weights_uri)), "key": folder,
+                "test_acc": meta.get("test_acc")}
     import ray
 
     from mmdist import ray_runtime
@@ -212,9 +270,18 @@ def teacher_state(cfg: Config, test: tuple[np.ndarray, np.ndarray], res: int) ->
     storage.write_bytes(weights_uri, save_tensors(state))
     storage.write_json(storage.join(folder, schema.CONFIG), {"config": cfg.to_dict(), "git_sha": artifacts.git_sha()})
     storage.write_json(storage.join(folder, schema.MANIFEST), {"kind": "teacher", "arch": e.teacher_arch,
-                                                               "test_acc": acc, "resolution": res})
-    log.info("evaluate: teacher test accuracy %.2f%%", acc)
-    return {"arch": e.teacher_arch, "weights": state}
+                                                               "test_acc": acc, "resolution": res,
+                                                               "split": e.split})
+    log.info("evaluate: teacher %s accuracy %.2f%%", e.split, acc)
+    return {"arch": e.teacher_arch, "weights": state, "key": folder, "test_acc": acc}
+
+
+def teacher_note(teacher: dict[str, Any] | None) -> str:
+    """Which teacher the diagnostics used (None: every set was diagnosed by an earlier run)."""
+    if teacher is None:
+        return "teacher: as when first diagnosed"
+    acc = f", {teacher['test_acc']:.2f} % on the evaluation split" if teacher.get("test_acc") is not None else ""
+    return f"teacher: {teacher['arch']} ({teacher['key']}{acc})"
 
 
 def _train_teacher(arch: str, x: np.ndarray, y: np.ndarray, tx: np.ndarray, ty: np.ndarray, res: int,
@@ -244,45 +311,118 @@ def main(cfg: Config) -> dict[str, Any]:
     if "distilled" in e.methods and not e.distilled:
         raise ConfigError("evaluate.methods: 'distilled' needs evaluate.distilled (an ImageFolder)")
     upstream = []
-    if {"minimax", "diffusion"} & set(e.methods):
+    if any(is_generated(m) for m in e.methods):
         upstream.append(artifacts.require(artifacts.stage_dir(cfg, "sample"), "sample"))
     folder = artifacts.stage_dir(cfg, "evaluate")
-    fp = artifacts.fingerprint(cfg, "evaluate", upstream)
+    fp = fingerprint(cfg, upstream)
     done = artifacts.existing(folder, "evaluate", fp, cfg, cfg.overwrite)
-    if done:
+    specs = trial_specs(cfg)
+    diag_keys = diagnostic_keys(cfg)
+    if done and {s["key"] for s in specs} <= {t_key(t) for t in done["trials"]} and \
+            set(map(str, diag_keys)) <= {str((d["method"], d["ipc"])) for d in done.get("diagnostics", [])}:
         log.info("evaluate: %s is complete, skipping", folder)
         return done
+    if e.teacher:
+        check_teacher(cfg)
     start = time.time()
-    test_index = datasets.index_split(cfg.data, "test")
+    test_index = datasets.index_split(cfg.data, e.split)
     classes = test_index.classes
     res = e.resolution or cfg.data.image_size
-    specs = trial_specs(cfg)
     finished = {}
     for spec in specs:
         uri = storage.join(folder, "trials", f"{spec['key']}.json")
         if storage.exists(uri) and storage.read_json(uri).get("fingerprint") == fp:
             finished[spec["key"]] = storage.read_json(uri)
     todo = [s for s in specs if s["key"] not in finished]
-    log.info("evaluate: %d trials (%d to run), protocol %s, test set of %d images",
-             len(specs), len(todo), e.protocol, len(test_index.items))
-    if todo:
-        sets = build_sets(cfg, classes)
-        test = datasets.load_images(cfg.data, test_index.items, "test")
+    prior = {(d["method"], d["ipc"]): d for d in (done or {}).get("diagnostics", [])}
+    diag_todo = [k for k in diag_keys if k not in prior]
+    log.info("evaluate: %d trials (%d to run), protocol %s, %s set of %d images",
+             len(specs), len(todo), e.protocol, e.split, len(test_index.items))
+    test = None
+    teacher = None
+    if todo or diag_todo:
+        keys = {set_key(s["method"], s["ipc"], s["seed"]) for s in todo}
+        keys |= {set_key(m, ipc, e.seeds[0]) for m, ipc in diag_todo}
+        sets = build_sets(cfg, classes, keys)
+        test = datasets.load_images(cfg.data, test_index.items, e.split)
         ray_runtime.connect(cfg)
-        _run_grid(cfg, todo, sets, test, classes, res, folder, fp)
+        if e.protocol == "soft" or diag_todo:
+            teacher = teacher_state(cfg, test, res)
+        for method, ipc in diag_todo:
+            prior[(method, ipc)] = {"method": method, "ipc": ipc,
+                                    **_diagnose(cfg, teacher, sets[set_key(method, ipc, e.seeds[0])], res)}
+        if todo:
+            _run_grid(cfg, todo, sets, test, classes, res, folder, fp, teacher)
         for spec in todo:
             finished[spec["key"]] = storage.read_json(storage.join(folder, "trials", f"{spec['key']}.json"))
     rows = aggregate([finished[s["key"]] for s in specs])
+    diagnostics = [prior[k] for k in diag_keys]
     table = markdown(rows)
-    write_tables(folder, rows, table)
+    if diagnostics:
+        table += "\n\n" + diagnostics_markdown(diagnostics, teacher_note(teacher))
+    write_tables(folder, rows, table, diagnostics)
     wall = time.time() - start
     return artifacts.publish(folder, "evaluate", fp, cfg, rows=rows, table_markdown=table,
-                             trials=[finished[s["key"]] for s in specs], wall_seconds=round(wall, 2),
+                             trials=[finished[s["key"]] for s in specs], diagnostics=diagnostics,
+                             wall_seconds=round(wall, 2),
                              accelerator_seconds=round(wall * e.gpus_per_trial * len(todo), 2))
 
 
+def fingerprint(cfg: Config, upstream: list[dict[str, Any]]) -> str:
+    """The evaluation's inputs: its section except the list of rows, the data, and the samples.
+
+    The rows are left out so that adding a method to a finished evaluation runs only its trials;
+    every trial file carries this fingerprint and the rows it belongs to are in its name.
+    """
+    import hashlib
+    import json
+
+    own = {k: v for k, v in to_dict(cfg.evaluate).items() if k != "methods"}
+    text = json.dumps({"evaluate": own, "data": to_dict(cfg.data),
+                       "upstream": [m["fingerprint"] for m in upstream]}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def t_key(trial: dict[str, Any]) -> str:
+    """The spec key of a finished trial's result."""
+    return f"{trial['method']}-{trial['arch'].replace(':', '_')}-ipc{trial['ipc']}-seed{trial['seed']}"
+
+
+def diagnostic_keys(cfg: Config) -> list[tuple[str, int]]:
+    """(method, ipc) of the sets diagnosed: every generated row, and random real as the reference."""
+    e = cfg.evaluate
+    if not e.diagnostics:
+        return []
+    methods = [m for m in e.methods if is_generated(m) or m == "random"]
+    return [(m, ipc) for m in methods for ipc in e.ipcs]
+
+
+def _diagnose(cfg: Config, teacher: dict[str, Any], data: tuple[np.ndarray, np.ndarray], res: int) -> dict:
+    """Fidelity and PRDC of one set against the real train images (a fixed sample per class)."""
+    from mmdist import diagnostics
+
+    global _REFERENCE
+    if _REFERENCE is None or _REFERENCE[0] != (cfg.fingerprint("data"), res, teacher["key"]):
+        train = datasets.index_split(cfg.data, "train")
+        rng = np.random.default_rng(derive_seed(0, "diagnostics"))
+        items = []
+        for k in range(len(train.classes)):
+            members = [it for it in train.items if it.label == k]
+            items += [members[i] for i in sorted(rng.permutation(len(members))[:DIAGNOSTIC_REFERENCE])]
+        x, y = datasets.load_images(cfg.data, items, "train")
+        model = _teacher_model(teacher, x.shape[1], len(train.classes), res)
+        feats, _ = diagnostics.features(model, x, res)
+        _REFERENCE = ((cfg.fingerprint("data"), res, teacher["key"]), feats, y, model)
+    _, feats, y, model = _REFERENCE
+    return diagnostics.diagnose(model, data[0], data[1], (feats, y), res)
+
+
+DIAGNOSTIC_REFERENCE = 500  # real train images per class that the generated sets are compared with
+_REFERENCE = None
+
+
 def _run_grid(cfg: Config, todo: list[dict], sets: dict, test: tuple, classes: tuple[str, ...], res: int,
-              folder: str, fp: str) -> None:
+              folder: str, fp: str, teacher: dict[str, Any] | None) -> None:
     """The Ray Tune grid over the unfinished trials (fractional resources, retries)."""
     import ray
     from ray import tune
@@ -292,9 +432,9 @@ def _run_grid(cfg: Config, todo: list[dict], sets: dict, test: tuple, classes: t
 
     e = cfg.evaluate
     cpus = ray_runtime.trial_cpus(e.cpus_per_trial, len(todo))  # Tune runs as many at once as fit
-    teacher = teacher_state(cfg, test, res) if e.protocol == "soft" else None
     shared = {"config": cfg.to_dict(), "sets": {k: ray.put(v) for k, v in sets.items()}, "test": ray.put(test),
-              "teacher": ray.put(teacher), "classes": list(classes), "resolution": res, "folder": folder,
+              "teacher": ray.put(teacher if e.protocol == "soft" else None), "classes": list(classes),
+              "resolution": res, "folder": folder,
               "fp": fp, "threads": ray_runtime.torch_threads(cpus)}
     storage_path = storage.join(folder, "tune")
     if not storage.is_remote(storage_path):
@@ -354,10 +494,23 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_tables(folder: str, rows: list[dict[str, Any]], table: str) -> None:
-    """results.md, results.csv, results.json and accuracy.png."""
+def diagnostics_markdown(diagnosed: list[dict[str, Any]], note: str) -> str:
+    """The diagnostics table: fidelity (%) and precision / recall / density / coverage."""
+    lines = [f"Distilled-set diagnostics ({note}; k-NN manifolds, k = 5, against "
+             f"{DIAGNOSTIC_REFERENCE} real train images per class):", "",
+             "| method | IPC | fidelity % | precision | recall | density | coverage |", "|---|---|---|---|---|---|---|"]
+    for d in diagnosed:
+        lines.append(f"| {d['method']} | {d['ipc']} | {d['fidelity']:.2f} | {d['precision']:.3f} | {d['recall']:.3f} "
+                     f"| {d['density']:.3f} | {d['coverage']:.3f} |")
+    return "\n".join(lines)
+
+
+def write_tables(folder: str, rows: list[dict[str, Any]], table: str, diagnosed: list[dict[str, Any]] = ()) -> None:
+    """results.md, results.csv, results.json, diagnostics.json and accuracy.png."""
     storage.write_bytes(storage.join(folder, "results.md"), (table + "\n").encode())
     storage.write_json(storage.join(folder, "results.json"), rows)
+    if diagnosed:
+        storage.write_json(storage.join(folder, "diagnostics.json"), list(diagnosed))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()

@@ -21,5 +21,6 @@ def smoke(base: Config | None = None) -> Config:
         finetune=replace(base.finetune, backbone="pretrain", steps=2, global_batch_size=8, checkpoint_every=2,
                          log_every=1, minimax=replace(base.finetune.minimax, memory_size=8)),
         sample=replace(base.sample, ipc=2, steps=4, batch_size=2, guidance_scale=2.0),
-        evaluate=replace(base.evaluate, ipcs=(2,), seeds=(0,), epochs=2, evals=1, methods=("minimax", "random")),
+        evaluate=replace(base.evaluate, ipcs=(2,), seeds=(0,), epochs=2, evals=1, methods=("minimax", "random"),
+                         teacher_arch="tiny", teacher_epochs=2),
     )

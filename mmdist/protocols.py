@@ -5,9 +5,8 @@ Plain single-device PyTorch; ``mmdist.evaluate`` runs these as Ray Tune trials.
 - ``hard`` — IDC's recipe (method.md §3.3): RandomResizedCrop(scale 0.5-1) + flip + colour jitter
   + PCA lighting (RGB only) + normalisation, CutMix on every batch, SGD 0.01 / 0.9 / 5e-4, batch 64,
   LR x0.2 at 2/3 and 5/6 of training, epochs 2000/1500/1000 by IPC; reports the best and the last
-  test accuracy. Scaled to small images by running the same ops at the data's own resolution
-  (28 px for Fashion-MNIST: the crop keeps 50-100 % of 28 px); colour jitter and lighting are
-  skipped for grayscale.
+  test accuracy. For small images (<= 64 px: Fashion-MNIST, CIFAR) IDC trains with DSA instead of
+  the ImageNet crop (``dsa``), still with CutMix; either can be chosen by name.
 - ``soft`` — RDED's recipe (method.md §3.5): a teacher relabels each augmented, CutMix-ed batch;
   the student minimises KL at temperature 20 (x T^2); AdamW 1e-3, wd 0.01, the schedule
   0.5 (1 + cos(pi e / 2E)) that ends at half the LR; 300 epochs. RDED's 2x2 patch mosaics belong
@@ -40,7 +39,7 @@ class Protocol:
     batch_size: int
     lr: float
     evals: int = 10
-    augment: bool = True
+    augment: str = "idc"  # one of AUGMENTATIONS except "auto" (resolved by make_protocol)
     temperature: float = 20.0
 
     @property
@@ -58,12 +57,14 @@ def hard_epochs(ipc: int, num_classes: int) -> int:
 
 
 def make_protocol(name: str, *, ipc: int, num_classes: int, epochs: int | None, batch_size: int,
-                  lr: float | None, evals: int, augment: bool, temperature: float) -> Protocol:
-    """Fill a protocol's defaults: epochs by IPC (hard) or 300 (soft), the protocol's LR."""
+                  lr: float | None, evals: int, augment: str, temperature: float,
+                  resolution: int = 224) -> Protocol:
+    """Fill a protocol's defaults: epochs by IPC (hard) or 300 (soft), the protocol's LR and augmentation."""
+    kind = resolve_augmentation(augment, name, resolution)
     if name == "hard":
-        return Protocol("hard", epochs or hard_epochs(ipc, num_classes), batch_size, lr or 0.01, evals, augment)
+        return Protocol("hard", epochs or hard_epochs(ipc, num_classes), batch_size, lr or 0.01, evals, kind)
     if name == "soft":
-        return Protocol("soft", epochs or 300, batch_size, lr or 1e-3, evals, augment, temperature)
+        return Protocol("soft", epochs or 300, batch_size, lr or 1e-3, evals, kind, temperature)
     raise ValueError(f"unknown protocol {name!r}; choose hard or soft")
 
 
@@ -148,10 +149,94 @@ def cutmix(x: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Ten
     return mixed, perm, lam
 
 
-def augment_batch(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """The protocol's per-image augmentation on float [0, 1] images, then normalisation."""
+def _affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Resample ``x`` through per-sample 2x3 affine matrices (zeros outside, as DSA does)."""
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _shift(x: torch.Tensor, g: torch.Generator, ratio: float) -> torch.Tensor:
+    """DSA's crop: pad and shift each image by up to ``ratio`` of its side, in whole pixels."""
+    n, _, h, w = x.shape
+    dy = torch.randint(-int(h * ratio + 0.5), int(h * ratio + 0.5) + 1, (n,), generator=g)
+    dx = torch.randint(-int(w * ratio + 0.5), int(w * ratio + 0.5) + 1, (n,), generator=g)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, 0, 2], theta[:, 1, 2] = -2.0 * dx / w, -2.0 * dy / h  # normalised coordinates
+    return _affine(x, theta.to(x.device))
+
+
+def dsa(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Differentiable Siamese Augmentation as IDC trains its small-image test networks.
+
+    Strategy ``color_crop_cutout_flip_scale_rotate`` with DSA's parameters (flip 0.5, brightness
+    1.0, saturation 2.0, contrast 0.5, crop 0.125, scale 1.2, rotate 15 degrees, cutout 0.5), all
+    drawn per image: flip and colour always, then ONE of crop / scale / rotate chosen for the
+    whole batch, then cutout (IDC's ``DiffAug(batch=False)`` with single-augmentation mode). Works
+    on normalised images; saturation is the identity on one channel.
+    """
+    n, c, h, w = x.shape
+    dev = x.device
+
+    def u(lo: float, hi: float) -> torch.Tensor:
+        return _uniform(n, lo, hi, g, dev).view(n, 1, 1, 1)
+
+    x = torch.where(u(0, 1) < 0.5, x.flip(3), x)
+    x = x + (u(0, 1) - 0.5) * 1.0  # brightness
+    x = (x - x.mean(1, keepdim=True)) * (u(0, 1) * 2.0) + x.mean(1, keepdim=True)  # saturation
+    x = (x - x.mean((1, 2, 3), keepdim=True)) * (u(0, 1) + 0.5) + x.mean((1, 2, 3), keepdim=True)  # contrast
+    which = int(torch.randint(3, (1,), generator=g))
+    if which == 0:
+        x = _shift(x, g, 0.125)
+    elif which == 1:
+        scale = 1.2
+        sx, sy = _uniform(n, 1 / scale, scale, g, dev), _uniform(n, 1 / scale, scale, g, dev)
+        theta = torch.zeros(n, 2, 3, device=dev)
+        theta[:, 0, 0], theta[:, 1, 1] = sx, sy
+        x = _affine(x, theta)
+    else:
+        angle = _uniform(n, -15.0, 15.0, g, dev) * math.pi / 180
+        theta = torch.zeros(n, 2, 3, device=dev)
+        theta[:, 0, 0], theta[:, 0, 1] = torch.cos(angle), -torch.sin(angle)
+        theta[:, 1, 0], theta[:, 1, 1] = torch.sin(angle), torch.cos(angle)
+        x = _affine(x, theta)
+    ch, cw = int(h * 0.5 + 0.5), int(w * 0.5 + 0.5)  # cutout: a half-side square, zeroed
+    cy = torch.randint(0, h + (1 - ch % 2), (n, 1, 1), generator=g).to(dev)
+    cx = torch.randint(0, w + (1 - cw % 2), (n, 1, 1), generator=g).to(dev)
+    rows = torch.arange(h, device=dev).view(1, h, 1)
+    cols = torch.arange(w, device=dev).view(1, 1, w)
+    inside = ((rows - cy).abs() <= ch // 2) & ((cols - cx).abs() <= cw // 2)
+    return x * (~inside).unsqueeze(1).to(x.dtype)
+
+
+AUGMENTATIONS = ("auto", "idc", "dsa", "rded", "none")
+
+
+def resolve_augmentation(name: str, protocol: str, resolution: int) -> str:
+    """``auto``: DSA for small images under the hard protocol (IDC's setting for 28-32 px data),
+    the ImageNet-style crop otherwise; RDED's crop-and-flip under the soft protocol."""
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {name!r}; choose from {list(AUGMENTATIONS)}")
+    if name != "auto":
+        return name
+    if protocol == "soft":
+        return "rded"
+    return "dsa" if resolution <= 64 else "idc"
+
+
+def augment_batch(x: torch.Tensor, g: torch.Generator, kind: str = "idc") -> torch.Tensor:
+    """Per-image augmentation of float [0, 1] images, normalised; ``kind`` from AUGMENTATIONS.
+
+    ``idc``: RandomResizedCrop(0.5-1) + flip + colour jitter and lighting (RGB); ``dsa``: ``dsa``
+    after normalisation; ``rded``: RandomResizedCrop(0.5-1) + flip, no colour (RDED's student
+    augmentation); ``none``: normalisation only.
+    """
+    if kind == "none":
+        return normalize(x)
+    if kind == "dsa":
+        return dsa(normalize(x), g)
     x = random_resized_crop_flip(x, g)
-    if x.shape[1] == 3:
+    if kind == "idc" and x.shape[1] == 3:
         x = color_jitter_lighting(x, g)
     return normalize(x)
 
@@ -208,9 +293,9 @@ def fit(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
         for i in range(0, n, protocol.batch_size):
             idx = order[i: i + protocol.batch_size]
             x, y = train_x[idx], train_y[idx]
-            x = augment_batch(x, g) if protocol.augment else normalize(x)
+            x = augment_batch(x, g, protocol.augment)
             perm, lam = None, 1.0
-            if protocol.augment:
+            if protocol.augment != "none":
                 x, perm, lam = cutmix(x, g)
             logits = model(x)
             if protocol.soft:

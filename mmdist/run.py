@@ -30,6 +30,10 @@ def planned_stages(cfg: Config) -> list[str]:
 def main(cfg: Config, stages: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Run the (selected) stages; print a per-stage cost summary at the end."""
     todo = [s for s in planned_stages(cfg) if stages is None or s in stages]
+    if "evaluate" in todo and cfg.evaluate.teacher:
+        from mmdist.evaluate import check_teacher
+
+        check_teacher(cfg)  # a teacher that cannot label this data fails now, not after sampling
     results: dict[str, Any] = {}
     summary = []
     for stage in todo:

@@ -1,11 +1,16 @@
 """Stage 4 — sample: IPC images per class, fanned out per class over a pool of Ray actors.
 
-Variants: ``minimax`` (the fine-tuned EMA model) and, with ``sample.baseline``, ``diffusion``
-(the un-fine-tuned backbone: the paper's "DiT" column). Each actor loads its DiT and decoder once
-and generates whole classes in batches. Image k of class c is a pure function of (seed, c, k),
-written to a path that depends only on (variant, class, k), so any number of actors gives the
-same files and a retried class overwrites the same files. A class is published by its marker
-(written after its PNGs, Parquet and grid); the variant's manifest is written after all classes.
+Variants: every generated row of ``evaluate.methods`` — ``minimax`` (always), the fine-tuned
+ablations (``finetune``, ``representativeness``, ``diversity``: finetune/<method>/), ``diffusion``
+(the un-fine-tuned backbone: the paper's "DiT" column, also drawn when ``sample.baseline``) — and
+``<method>+select``, which draws ``sample.oversample`` x IPC candidates from <method>'s model and
+keeps the IPC that best cover the class's real latents (``mmdist.models.selection``). Each actor
+loads its DiT and decoder once and generates whole classes in batches. Image k of class c is a
+pure function of (seed, c, k) whatever the variant, so the rows are paired (image k of minimax and
+of diffusion start from the same noise) and the first IPC candidates of a +select variant are its
+base variant's images. Files go to paths that depend only on (variant, class, k), so any number of
+actors gives the same files and a retried class overwrites the same files. A class is published by
+its marker (written after its PNGs, Parquet and grid); the variant's manifest after all classes.
 
     samples/<variant>/images/<class>/<k:05d>.png   ImageFolder tree
     samples/<variant>/parquet/<class>.parquet      the same images as PNG bytes
@@ -25,7 +30,7 @@ import torch
 from PIL import Image
 
 from mmdist import artifacts, schema, storage
-from mmdist.config import Config
+from mmdist.config import SELECT, Config, base_method, is_generated
 from mmdist.errors import ArtifactError, ConfigError
 from mmdist.seeding import derive_seed
 
@@ -36,7 +41,7 @@ class ClassSampler:
     """Ray actor: holds one DiT and the decoder; ``sample_class`` writes one class."""
 
     def __init__(self, config: dict[str, Any], model: tuple[str, str | None], folder: str, latents: dict[str, Any],
-                 threads: int, fingerprint: str):
+                 threads: int, fingerprint: str, center: np.ndarray | None = None):
         from mmdist.distributed import resolve
         from mmdist.models import diffusion
 
@@ -53,25 +58,45 @@ class ClassSampler:
             decoder, subfolder = resolve(decoder, subfolder)
         self.decoder = diffusion.LatentEncoder(decoder, subfolder, latents["scaling_factor"], self.device)
         self.folder, self.latents, self.fingerprint = folder, latents, fingerprint
+        self.center = None if center is None else torch.from_numpy(np.array(center))
 
-    def sample_class(self, label: int) -> dict[str, Any]:
-        """Generate, write and publish all IPC images of one class; returns its marker."""
+    def _latents(self, label: int, ks: range) -> torch.Tensor:
+        """Scaled latents of images ``ks`` of class ``label`` (each from its own seeded noise)."""
         from mmdist.models.sampler import sample_latents
 
         s = self.cfg.sample
+        gens = [torch.Generator().manual_seed(derive_seed(s.seed, "sample", label, k)) for k in ks]
+        return sample_latents(self.model, class_ids=[self.latents["model_class_ids"][label]] * len(gens),
+                              generators=gens, latent_shape=tuple(self.latents["latent_shape"]),
+                              scheduler=s.scheduler, steps=s.steps, guidance_scale=s.guidance_scale,
+                              guidance_channels=s.guidance_channels, autocast=s.mixed_precision)
+
+    def sample_class(self, label: int, reference: np.ndarray | None = None) -> dict[str, Any]:
+        """Generate, write and publish all IPC images of one class; returns its marker.
+
+        With ``reference`` (the class's real latents, centred and normalised) this is a +select
+        variant: oversample x IPC candidates are drawn and the IPC that cover the reference best
+        are kept, best first.
+        """
+        s = self.cfg.sample
         start = time.time()
         name = self.latents["classes"][label]
-        class_id = self.latents["model_class_ids"][label]
         safe = storage.safe_name(name)
+        n = s.ipc if reference is None else s.ipc * s.oversample
+        batches = [range(i, min(i + s.batch_size, n)) for i in range(0, n, s.batch_size)]
+        selected = None
+        if reference is not None:
+            from mmdist.models.minimax import embed
+            from mmdist.models.selection import facility_location
+
+            z_all = torch.cat([self._latents(label, ks).cpu() for ks in batches])
+            # the reference comes from the object store, read-only
+            selected = facility_location(embed(z_all, self.center), torch.from_numpy(np.array(reference)), s.ipc)
+            batches = [selected[i: i + s.batch_size] for i in range(0, s.ipc, s.batch_size)]
         pngs: list[bytes] = []
-        for first in range(0, s.ipc, s.batch_size):
-            ks = range(first, min(first + s.batch_size, s.ipc))
-            gens = [torch.Generator().manual_seed(derive_seed(s.seed, "sample", label, k)) for k in ks]
-            z = sample_latents(self.model, class_ids=[class_id] * len(gens), generators=gens,
-                               latent_shape=tuple(self.latents["latent_shape"]), scheduler=s.scheduler,
-                               steps=s.steps, guidance_scale=s.guidance_scale,
-                               guidance_channels=s.guidance_channels, autocast=s.mixed_precision)
-            for k, img in zip(ks, self.decoder.decode(z).cpu().numpy()):
+        for chunk in batches:
+            z = self._latents(label, chunk) if selected is None else z_all[list(chunk)]
+            for k, img in zip(range(len(pngs), len(pngs) + len(chunk)), self.decoder.decode(z).cpu().numpy()):
                 data = png_bytes(img)
                 storage.write_bytes(storage.join(self.folder, "images", safe, f"{k:05d}.png"), data)
                 pngs.append(data)
@@ -79,7 +104,8 @@ class ClassSampler:
         storage.write_bytes(storage.join(self.folder, "grids", f"{safe}.png"),
                             png_bytes(grid([decode_png(p) for p in pngs[:64]], cols=8)))
         marker = {"class": name, "label": label, "folder": safe, "count": len(pngs),
-                  "fingerprint": self.fingerprint, "seconds": round(time.time() - start, 2)}
+                  "fingerprint": self.fingerprint, "seconds": round(time.time() - start, 2),
+                  **({} if selected is None else {"candidates": n, "selected": selected})}
         storage.write_json(storage.join(self.folder, "classes", f"{safe}.json"), marker)
         return marker
 
@@ -153,15 +179,28 @@ def _write_class_parquet(uri: str, pngs: list[bytes], label: int, name: str) -> 
 # ----------------------------------------------------------------------------------------------
 
 
-def variants(cfg: Config) -> dict[str, tuple[str, str | None]]:
-    """Variant name -> (model, subfolder) as any node names it: the fine-tuned model's output URI
-    and, optionally, the backbone ('embedded', a hub id or a URI). Never a path on the driver."""
-    from mmdist.distributed import backbone_ref
-
-    finetuned = storage.join(artifacts.stage_dir(cfg, "finetune"), "model_ema" if cfg.sample.use_ema else "model")
-    out = {"minimax": (finetuned, None)}
+def variant_names(cfg: Config) -> list[str]:
+    """The sampled sets: minimax, the generated rows of the evaluation, diffusion if baseline."""
+    wanted = ["minimax"] + [m for m in cfg.evaluate.methods if is_generated(m)]
     if cfg.sample.baseline:
-        out["diffusion"] = backbone_ref(cfg)
+        wanted.append("diffusion")
+    return list(dict.fromkeys(wanted))
+
+
+def variants(cfg: Config) -> dict[str, tuple[str, str | None]]:
+    """Variant name -> (model, subfolder) as any node names it: a fine-tuned variant's output URI, or
+    the backbone ('embedded', the pretrain output, a hub id or a URI). Never a path on the driver."""
+    from mmdist.distributed import backbone_ref
+    from mmdist.finetune import variant_dir
+
+    out = {}
+    for name in variant_names(cfg):
+        base = base_method(name)
+        if base == "diffusion":
+            out[name] = backbone_ref(cfg)
+        else:
+            weights = "model_ema" if cfg.sample.use_ema else "model"
+            out[name] = (storage.join(variant_dir(cfg, base), weights), None)
     return out
 
 
@@ -185,14 +224,17 @@ def main(cfg: Config) -> dict[str, Any]:
     stage_folder = artifacts.stage_dir(cfg, "sample")
     fp = artifacts.fingerprint(cfg, "sample", [latents, tuned])
     done = artifacts.existing(stage_folder, "sample", fp, cfg, cfg.overwrite)
-    if done:
+    if done and set(variant_names(cfg)) <= set(done["variants"]):
         log.info("sample: %s is complete, skipping", stage_folder)
         return done
     labels = selected_labels(cfg, latents)
     start = time.time()
     gpu_seconds = 0.0
-    results = {}
+    results = {v: {} for v in (done or {}).get("variants", [])}  # variants sampled by an earlier run
+    references = None
     for variant, model in variants(cfg).items():
+        if variant in results:
+            continue
         conf = model_config(*model)
         model_dir = model[0]
         needed = max(latents["model_class_ids"]) + 1
@@ -204,7 +246,10 @@ def main(cfg: Config) -> dict[str, Any]:
             raise ArtifactError(f"{variant} model at {model_dir} takes latents {shape}, the data set's are "
                                 f"{latents['latent_shape']} (a model of another size or data set)")
         folder = storage.join(stage_folder, variant)
-        results[variant], seconds = _sample_variant(cfg, variant, model, folder, latents, labels, fp)
+        if variant.endswith(SELECT) and references is None:
+            references = class_references(cfg, latents, labels)
+        results[variant], seconds = _sample_variant(cfg, variant, model, folder, latents, labels, fp,
+                                                    references if variant.endswith(SELECT) else None)
         gpu_seconds += seconds
     wall = time.time() - start
     return artifacts.publish(stage_folder, "sample", fp, cfg, variants=sorted(results),
@@ -212,8 +257,40 @@ def main(cfg: Config) -> dict[str, Any]:
                              wall_seconds=round(wall, 2), accelerator_seconds=round(gpu_seconds, 2))
 
 
+def class_references(cfg: Config, latents: dict[str, Any], labels: list[int]) -> dict[str, Any]:
+    """For +select: up to ``sample.select_reference`` real latents per class, centred and normalised
+    as the fine-tuning objective sees them, and the centre.
+
+    Shards are uniform samples of the classes (encode shuffles rows), so reading them in order and
+    stopping once every class is full takes about select_reference x classes rows.
+    """
+    from safetensors.numpy import load as load_tensors
+
+    from mmdist import shards
+    from mmdist.models.minimax import embed
+
+    folder = artifacts.stage_dir(cfg, "encode")
+    stats = load_tensors(storage.read_bytes(storage.join(folder, schema.STATS)))
+    center = stats["latent_mean"].astype(np.float32)
+    want = cfg.sample.select_reference
+    found: dict[int, list[np.ndarray]] = {lab: [] for lab in labels}
+    for rel in latents["shards"]:
+        table = shards.read_shard(storage.join(folder, rel))
+        for lab in labels:
+            have = sum(len(a) for a in found[lab])
+            if have < want:
+                found[lab].append(table[schema.LATENT_MEAN][table[schema.LABEL] == lab][: want - have])
+        if all(sum(len(a) for a in found[lab]) >= want for lab in labels):
+            break
+    scale = float(latents["scaling_factor"])
+    refs = {lab: embed(torch.from_numpy(np.concatenate(found[lab]).astype(np.float32) * scale),
+                       torch.from_numpy(center)).numpy() for lab in labels}
+    return {"center": center, "per_class": refs}
+
+
 def _sample_variant(cfg: Config, variant: str, model: tuple[str, str | None], folder: str, latents: dict[str, Any],
-                    labels: list[int], fp: str) -> tuple[dict[str, Any], float]:
+                    labels: list[int], fp: str, references: dict[str, Any] | None = None
+                    ) -> tuple[dict[str, Any], float]:
     """Fan the unfinished classes of one variant out over actors; publish its manifest."""
     import ray
     from tqdm import tqdm
@@ -242,11 +319,14 @@ def _sample_variant(cfg: Config, variant: str, model: tuple[str, str | None], fo
         actor_cls = ray.remote(ClassSampler).options(
             num_cpus=cpus, num_gpus=s.num_gpus_per_actor, max_restarts=3, max_task_retries=3,
             scheduling_strategy="DEFAULT")
-        actors = [actor_cls.remote(cfg.to_dict(), model, folder, latents, ray_runtime.torch_threads(cpus), vfp)
+        center = None if references is None else references["center"]
+        refs = {} if references is None else {lab: ray.put(references["per_class"][lab]) for lab in todo}
+        actors = [actor_cls.remote(cfg.to_dict(), model, folder, latents, ray_runtime.torch_threads(cpus), vfp, center)
                   for _ in range(n_actors)]
         try:
             with tqdm(total=len(todo), desc=f"sample {variant}", unit="class") as bar:
-                for marker in ray_runtime.elastic_map(actors, lambda a, lab: a.sample_class.remote(lab), todo):
+                for marker in ray_runtime.elastic_map(
+                        actors, lambda a, lab: a.sample_class.remote(lab, refs.get(lab)), todo):
                     markers[marker["label"]] = marker
                     bar.update()
         finally:
@@ -267,6 +347,8 @@ def _sample_variant(cfg: Config, variant: str, model: tuple[str, str | None], fo
         "ipc": cfg.sample.ipc, "seed": cfg.sample.seed, "scheduler": cfg.sample.scheduler,
         "steps": cfg.sample.steps, "guidance_scale": cfg.sample.guidance_scale,
         "guidance_channels": cfg.sample.guidance_channels,
+        **({} if references is None else {"oversample": cfg.sample.oversample, "selection": "facility_location",
+                                          "select_reference": cfg.sample.select_reference}),
         "classes": [{k: markers[lab][k] for k in ("class", "label", "folder", "count")} for lab in labels],
         "counts": {markers[lab]["class"]: markers[lab]["count"] for lab in labels},
         "config": cfg.to_dict(), "git_sha": artifacts.git_sha(),

@@ -2,8 +2,11 @@
 
 Each trial runs finetune -> sample -> evaluate into <output>/sweep/trial-<id>, sharing the base
 run's encoded latents (``Config.latents``) and backbone, so nothing is encoded or pretrained twice.
-Its objective is the evaluation accuracy: the mean over seeds of the best test accuracy of the
-minimax rows of the evaluate manifest (averaged when the grid has several archs or IPCs).
+Its objective is the accuracy on the *validation* split (``data.val_per_class`` train images per
+class that nothing trains on; ``evaluate.split=val``): the mean over seeds of the best accuracy of
+the minimax rows (averaged over archs and IPCs). Selecting on the test split would report an
+optimistic number, so it is refused. Only the selected configuration is then evaluated on the
+test split, and that is the number the sweep reports.
 """
 
 from __future__ import annotations
@@ -92,6 +95,9 @@ def main(cfg: Config, space: dict[str, Any], num_samples: int = 8,
 
     for key in space:
         getattr_dotted(cfg, key)  # a typo in the space fails here, not in every trial
+    if cfg.evaluate.split != "val":
+        raise ConfigError("evaluate.split: a sweep selects on the validation split; set evaluate.split=val and "
+                          "data.val_per_class>0 (selecting on the test split reports an optimistic accuracy)")
     ray_runtime.connect(cfg)
     base = shared_base(cfg)
     root = storage.join(cfg.output, "sweep")
@@ -110,14 +116,20 @@ def main(cfg: Config, space: dict[str, Any], num_samples: int = 8,
                                   failure_config=tune.FailureConfig(max_failures=1)),
     )
     grid = tuner.fit()
-    rows = sorted(({**r.config, **{k: r.metrics[k] for k in ("accuracy", "output")}}
-                   for r in grid if r.error is None and r.metrics), key=lambda r: -r["accuracy"])
-    storage.write_json(storage.join(root, "results.json"), rows)
-    for row in rows:
-        log.info("sweep: %.2f%%  %s", row["accuracy"], {k: v for k, v in row.items() if k in space})
+    rows = sorted(({**r.config, "val_accuracy": r.metrics["accuracy"], "output": r.metrics["output"]}
+                   for r in grid if r.error is None and r.metrics), key=lambda r: -r["val_accuracy"])
     errors = [r.error for r in grid if r.error is not None]
     if errors and not rows:
         raise errors[0]
+    for row in rows:
+        log.info("sweep: validation %.2f%%  %s", row["val_accuracy"], {k: v for k, v in row.items() if k in space})
+    best = rows[0]
+    selected = dataclasses.replace(with_params(base, {k: v for k, v in best.items() if k in space}),
+                                   output=best["output"])
+    selected = dataclasses.replace(selected, evaluate=dataclasses.replace(selected.evaluate, split="test"))
+    best["test_accuracy"] = objective(run.main(selected, stages=("evaluate",))["evaluate"])
+    log.info("sweep: the selected configuration scores %.2f%% on the test split", best["test_accuracy"])
+    storage.write_json(storage.join(root, "results.json"), rows)
     return rows
 
 

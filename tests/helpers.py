@@ -51,13 +51,38 @@ def tiny_dit(folder: str, classes: int = 2, size: int = 16, channels: int = 1, s
 
 
 def publish_finetune(cfg, latents: dict, dit: str) -> None:
-    """Stand in for a fine-tune: ``dit`` as <output>/finetune/model{,_ema} under a published manifest."""
-    import shutil
+    """Stand in for a fine-tune: ``dit`` as the minimax variant, published without training."""
+    from mmdist import finetune
 
-    from mmdist import artifacts
+    finetune.adopt(cfg, dit, note="test stand-in: no training")
 
-    folder = artifacts.stage_dir(cfg, "finetune")
-    for name in ("model", "model_ema"):
-        shutil.copytree(dit, os.path.join(folder, name))
-    artifacts.publish(folder, "finetune", artifacts.fingerprint(cfg, "finetune", [latents]), cfg,
-                      backbone=dit, steps=0, history=[], note="test stand-in: no training")
+
+GLYPHS = ("top", "bottom", "centre", "frame")
+
+
+def glyphs_folder(root: str, per_class: int, size: int = 16, seed: int = 0) -> str:
+    """An ImageFolder of our own that no pretrained backbone has seen: root/<glyph>/<i>.png, a
+    bright shape on black — a bar across the top or the bottom, a centred square, or a frame —
+    with random brightness, thickness and offset. Each class is left-right symmetric, so the
+    horizontal flips of training keep it in its class."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    for glyph in GLYPHS:
+        os.makedirs(os.path.join(root, glyph), exist_ok=True)
+        for i in range(per_class):
+            image = Image.new("L", (size, size), 0)
+            draw = ImageDraw.Draw(image)
+            fill = int(rng.integers(170, 256))
+            w = int(rng.integers(size // 6, size // 3))  # thickness
+            o = int(rng.integers(0, size // 8 + 1))  # offset from the edge
+            if glyph == "top":
+                draw.rectangle([0, o, size - 1, o + w], fill=fill)
+            elif glyph == "bottom":
+                draw.rectangle([0, size - 1 - o - w, size - 1, size - 1 - o], fill=fill)
+            elif glyph == "centre":
+                draw.rectangle([size // 2 - w, size // 2 - w, size // 2 + w - 1, size // 2 + w - 1], fill=fill)
+            else:
+                draw.rectangle([o, o, size - 1 - o, size - 1 - o], outline=fill, width=max(1, w // 2))
+            image.save(os.path.join(root, glyph, f"{i:04d}.png"))
+    return root

@@ -64,7 +64,7 @@ def test_killed_worker_resumes_from_its_checkpoint_and_finishes(smoke_run, tmp_p
     errors, out = [], {}
     worker = threading.Thread(target=lambda: _run(errors, out, finetune.main, cfg))
     worker.start()
-    ckpts = root / "finetune" / "ray"
+    ckpts = root / "finetune" / "minimax" / "ray"
     deadline = time.time() + 180
     # kill once Ray Train's controller has registered a checkpoint (its snapshot names one): a
     # checkpoint written but not yet registered is not restored, and the run would start over
@@ -78,12 +78,13 @@ def test_killed_worker_resumes_from_its_checkpoint_and_finishes(smoke_run, tmp_p
     os.kill(max(live, key=_start_ticks), signal.SIGKILL)
     worker.join(timeout=400)
     assert not errors, errors
-    m = out["manifest"]
+    m = out["manifest"]["variants"]["minimax"]
+    m = {**m, **json.loads((root / "finetune" / "minimax" / "manifest.json").read_text())}
     assert m["steps"] == 40
     assert m["resumed_at"] and 0 < m["resumed_at"][0] < 40 and m["resumed_at"][0] % 5 == 0
     steps = [h["step"] for h in m["history"]]
     assert steps == sorted(steps) and steps[-1] == 40  # the count continued, it did not restart
-    model = diffusion.load_dit(str(root / "finetune" / "model_ema"))
+    model = diffusion.load_dit(str(root / "finetune" / "minimax" / "model_ema"))
     assert diffusion.num_classes_of(model) == 2
 
 

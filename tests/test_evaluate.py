@@ -31,13 +31,35 @@ def test_cutmix_label_weight_is_the_kept_area():
                 assert abs(own - lam) < 1e-6
 
 
-def test_augmentation_keeps_shape_and_range():
+@pytest.mark.parametrize("kind", ["idc", "dsa", "rded"])
+def test_augmentation_keeps_shape_and_changes_images(kind):
     g = torch.Generator().manual_seed(0)
     for c in (1, 3):
         x = torch.rand(5, c, 28, 28)
-        out = protocols.augment_batch(x, g)
+        out = protocols.augment_batch(x, g, kind)
         assert out.shape == x.shape and torch.isfinite(out).all()
         assert not torch.allclose(out, protocols.normalize(x))
+    assert torch.equal(protocols.augment_batch(x, g, "none"), protocols.normalize(x))
+
+
+def test_dsa_is_seeded_and_cuts_out_a_half_side_square():
+    x = torch.rand(16, 1, 28, 28) + 1.0  # strictly positive: a zeroed pixel can only be the cutout
+    a = protocols.dsa(x, torch.Generator().manual_seed(3))
+    b = protocols.dsa(x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    zeros = (a == 0).flatten(1).sum(1).float()
+    # a 14 x 14 square, clipped at the border to no less than a quarter of it (padding of the
+    # shift, scale and rotate adds zeros at the border too)
+    assert (zeros >= 7 * 7).float().mean() > 0.9 and zeros.median() < 28 * 28 / 2
+
+
+def test_auto_augmentation_follows_protocol_and_resolution():
+    assert protocols.resolve_augmentation("auto", "hard", 28) == "dsa"
+    assert protocols.resolve_augmentation("auto", "hard", 224) == "idc"
+    assert protocols.resolve_augmentation("auto", "soft", 28) == "rded"
+    assert protocols.resolve_augmentation("idc", "hard", 28) == "idc"
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        protocols.resolve_augmentation("autoaugment", "hard", 28)
 
 
 @pytest.mark.parametrize("arch", ["tiny", "convnet", "resnet_ap10", "resnet18", "timm:resnet10t"])
@@ -57,7 +79,7 @@ def test_fit_learns_a_separable_problem():
     y = torch.arange(40) % 2
     x[y == 1, :, :8] += 0.6  # class 1 is bright on top
     proto = protocols.make_protocol("hard", ipc=20, num_classes=2, epochs=30, batch_size=20, lr=None, evals=3,
-                                    augment=False, temperature=20)
+                                    augment="none", temperature=20)
     model = classifiers.create("tiny", in_channels=1, num_classes=2, image_size=16)
     out = protocols.fit(model, x, y, x, y, proto, seed=0)
     assert out["best_acc"] >= 90 and len(out["curve"]) == 3

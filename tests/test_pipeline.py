@@ -30,16 +30,16 @@ def test_models_are_diffusers_folders_that_load(smoke_run):
     cfg, results = smoke_run
     from diffusers import DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 
-    for stage in ("pretrain", "finetune"):
-        folder = os.path.join(cfg.output, stage)
-        model = DiTTransformer2DModel.from_pretrained(os.path.join(folder, "model_ema"))
+    for folder in ("pretrain", os.path.join("finetune", "minimax")):
+        model = DiTTransformer2DModel.from_pretrained(os.path.join(cfg.output, folder, "model_ema"))
         assert model.config.num_embeds_ada_norm == 2 and model.config.in_channels == 1
-        assert results[stage]["steps"] == 2
-    tuned = diffusion.load_dit(os.path.join(cfg.output, "finetune", "model_ema"))
+    assert results["pretrain"]["steps"] == 2 and results["finetune"]["variants"]["minimax"]["steps"] == 2
+    tuned = diffusion.load_dit(os.path.join(cfg.output, "finetune", "minimax", "model_ema"))
     assert not any("difffit" in n for n, _ in tuned.named_parameters())
     pipe = DiTPipeline(transformer=tuned, vae=None, scheduler=DDPMScheduler())
     assert pipe.transformer is tuned
-    history = results["finetune"]["history"]
+    with open(os.path.join(cfg.output, "finetune", "minimax", "manifest.json")) as f:
+        history = json.load(f)["history"]
     assert [h["step"] for h in history] == [1.0, 2.0]
     assert "representativeness" in history[-1] and history[-1]["minimax_classes"] >= 1
 

@@ -36,7 +36,7 @@ def test_encode_to_s3_and_finetune_from_it(ray_cluster, bucket, tmp_path):
 
     tuned = finetune.main(cfg)
     assert tuned["steps"] == 3 and tuned["latents"] == f"{bucket}/run/latents"
-    assert storage.exists(f"{bucket}/run/finetune/model_ema/config.json")
-    assert storage.listdir(f"{bucket}/run/finetune/ray")  # Ray Train checkpoints went to S3 too
-    model = diffusion.load_dit(local_folder(f"{bucket}/run/finetune/model_ema"))
+    assert storage.exists(f"{bucket}/run/finetune/minimax/model_ema/config.json")
+    assert storage.listdir(f"{bucket}/run/finetune/minimax/ray")  # Ray Train checkpoints went to S3 too
+    model = diffusion.load_dit(local_folder(f"{bucket}/run/finetune/minimax/model_ema"))
     assert diffusion.num_classes_of(model) == 2

@@ -98,7 +98,7 @@ def test_unknown_class_name_is_refused(smoke_run, tmp_path):
 
 def test_model_with_too_few_classes_is_refused(smoke_run, tmp_path):
     cfg = _root(smoke_run, tmp_path, "mismatch")
-    target = os.path.join(cfg.output, "finetune", "model_ema")
+    target = os.path.join(cfg.output, "finetune", "minimax", "model_ema")
     shutil.rmtree(target)
     tiny_dit(target, classes=1)
     with pytest.raises(ArtifactError, match="has 1 classes"):

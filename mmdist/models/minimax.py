@@ -50,6 +50,14 @@ class SingleProcess:
         return tensor
 
 
+def embed(x: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tensor:
+    """Flatten, centre and L2-normalise latents: [B, C, H, W] -> [B, C*H*W] unit vectors (method.md §1.5)."""
+    v = x.float().flatten(1)
+    if center is not None:
+        v = v - center.reshape(1, -1).to(v)
+    return v / v.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
 class ClassMemory:
     """Per-class FIFO ring buffers of unit vectors: [classes, size, dim] preallocated on device.
 
@@ -123,10 +131,7 @@ class MinimaxObjective:
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Flatten, centre and L2-normalise latents: [B, C, H, W] -> [B, C*H*W] unit vectors."""
-        v = x.float().flatten(1)
-        if self.center is not None:
-            v = v - self.center
-        return v / v.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        return embed(x, self.center)
 
     def __call__(self, pred_x0: torch.Tensor, real_x0: torch.Tensor, labels: torch.Tensor,
                  collective: Collective | None = None) -> MinimaxTerms:
