@@ -117,7 +117,7 @@ def test_two_node_pipeline_is_byte_identical_to_the_single_node_run(ray_cluster,
     for stage in ("latents", "pretrain", "finetune", "samples", "eval"):
         assert f"{stage}/manifest.json" in two, f"{stage} was not published"
     kept = _artifact_bytes(two)
-    assert {"latents/stats.safetensors", "finetune/model_ema/diffusion_pytorch_model.safetensors",
+    assert {"latents/stats.safetensors", "finetune/minimax/model_ema/diffusion_pytorch_model.safetensors",
             "eval/results.json"} <= set(kept)
     assert sum(r.startswith("samples/minimax/images/") for r in kept) == len(CLASSES) * 2  # IPC 2
     assert kept == _artifact_bytes(one)
@@ -131,7 +131,7 @@ def test_two_training_workers_ran_on_two_worker_nodes(two_nodes, pipeline):
     assert pairs, f"no 2-worker training run among {groups}"
     for nodes in pairs:
         assert set(nodes) <= workers and len(set(nodes)) == 2, nodes  # never on the head, one per node
-    history = read_json_s3(f"{pipeline['output']}/finetune/manifest.json")["history"]
+    history = read_json_s3(f"{pipeline['output']}/finetune/minimax/manifest.json")["history"]
     assert all(h["allgather_seconds"] > 0 for h in history)  # memories were gathered across the pair
 
 
@@ -288,7 +288,7 @@ def test_losing_a_node_mid_finetune_resumes_from_s3_and_finishes(two_nodes, stor
     _replace_lost_nodes(two_nodes)
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output[-4000:]
-    m = read_json_s3(f"{out}/finetune/manifest.json")
+    m = read_json_s3(f"{out}/finetune/minimax/manifest.json")
     steps = [h["step"] for h in m["history"]]
     assert m["steps"] == 100 and m["resumed_at"] and 0 < m["resumed_at"][0] < 100
     assert steps == sorted(set(steps)) and steps[-1] == 100  # nothing lost, nothing counted twice
@@ -389,7 +389,7 @@ def test_imagenet1k_shaped_rehearsal_runs_every_stage_at_1000_classes(two_nodes,
     status, logs, cli = submit(two_nodes, "rehearsal-1000", args, timeout=1800)
     assert status == "SUCCEEDED", f"{cli.stderr[-2000:]}\n{logs[-4000:]}"
     walls = {}
-    for stage, folder in (("encode", "latents"), ("pretrain", "pretrain"), ("finetune", "finetune"),
+    for stage, folder in (("encode", "latents"), ("pretrain", "pretrain"), ("finetune", "finetune/minimax"),
                           ("sample", "samples"), ("evaluate", "eval")):
         m = read_json_s3(f"{out}/{folder}/manifest.json")
         walls[stage] = m["wall_seconds"]

@@ -22,7 +22,7 @@ def test_a_cold_cluster_grows_for_the_jobs_and_they_finish(s3_server, tmp_path_f
     import s3fs
     from ray.util.state import list_actors, list_nodes
 
-    from mmdist import artifacts
+    from mmdist import finetune
 
     fs = s3fs.S3FileSystem()
     name = f"mn-autoscale-{os.getpid()}"
@@ -40,12 +40,8 @@ def test_a_cold_cluster_grows_for_the_jobs_and_they_finish(s3_server, tmp_path_f
         assert status == "SUCCEEDED", logs[-4000:]
 
         cfg = smoke_config(out, data={"source": "parquet", "train": train, "test": test})
-        latents = artifacts.require(artifacts.stage_dir(cfg, "encode"), "encode")
-        dit = tiny_dit(str(tmp_path / "dit"), classes=2, size=16, channels=1)
-        for weights in ("model", "model_ema"):  # stand in for a fine-tune: the pool is what is tested
-            fs.put(dit, f"{name}/run/finetune/{weights}", recursive=True)
-        artifacts.publish(artifacts.stage_dir(cfg, "finetune"), "finetune",
-                          artifacts.fingerprint(cfg, "finetune", [latents]), cfg, steps=0, history=[])
+        # a stand-in for the fine-tune: the sampling pool is what is tested here
+        finetune.adopt(cfg, tiny_dit(str(tmp_path / "dit"), classes=2, size=16, channels=1))
 
         deadline = time.time() + 180
         while time.time() < deadline and len(list_nodes(address=cluster.dashboard_url,
