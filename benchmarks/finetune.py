@@ -120,7 +120,7 @@ def plain_loop(cfg: object, latents: dict, backbone: str, threads: int) -> dict:
     # the worker's setup (distributed.train_worker), rank 0 of 1, CPU
     torch.manual_seed(derive_seed(tcfg.seed, stage, 0))
     device = torch.device("cpu")
-    model = distributed.build_model(cfg, stage, latents, (backbone, None))
+    model = diffusion.load_dit(backbone)  # what distributed.build_model loads for this config
     objective = distributed.build_objective(cfg, stage, latents, stats, device)
     state = training.build_state(model, trainable=distributed.trainable_set(cfg, stage), lr=tcfg.lr,
                                  weight_decay=tcfg.weight_decay, objective=objective)

@@ -61,46 +61,87 @@ class TorchCollective:
 
 
 def local_folder(uri: str) -> str:
-    """A local copy of a model folder on object storage (cached by URI); local paths pass through."""
+    """A local copy of a model folder on object storage; local paths pass through.
+
+    The copy is keyed by the folder's content as listed now (every file's ETag, else its size and
+    modification time), never by the URI alone: a folder rewritten in place (``finetune
+    --overwrite``) gets a fresh copy instead of the old weights. Each node makes its own copy.
+    """
     if not storage.is_remote(uri):
         return uri
     import hashlib
+    import json
+    import posixpath
 
-    target = os.path.join(os.path.expanduser("~"), ".cache", "mmdist", "models",
-                          hashlib.sha1(uri.encode()).hexdigest()[:16])
-    if not os.path.exists(os.path.join(target, "config.json")):
-        fs, path = storage.filesystem(uri)
-        tmp = target + f".tmp-{os.getpid()}"
-        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
-        if os.path.exists(target):  # another worker on this node won the race
-            storage.remove(tmp)
-        else:
+    fs, path = storage.filesystem(uri)
+    root = path.rstrip("/")
+    fs.invalidate_cache(root)  # a listing cached by this process may predate an overwrite
+    listing = fs.find(root, detail=True)
+    files = sorted((posixpath.relpath(name, root), _version(entry)) for name, entry in listing.items())
+    if not any(name == "config.json" for name, _ in files):
+        raise ArtifactError(f"{uri}: no config.json (not a model folder written by save_pretrained)")
+    key = hashlib.sha256(json.dumps([uri, files]).encode()).hexdigest()[:20]
+    target = os.path.join(os.path.expanduser("~"), ".cache", "mmdist", "models", key)
+    if not os.path.isdir(target):
+        tmp = f"{target}.tmp-{os.getpid()}"
+        for name, _ in files:
+            os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
+            fs.get_file(f"{root}/{name}", os.path.join(tmp, name))
+        try:
             os.replace(tmp, target)
+        except OSError:  # another process on this node published the same content first
+            storage.remove(tmp)
     return target
 
 
-def backbone_source(cfg: Config) -> tuple[str, str | None]:
-    """(hub id or local folder, subfolder) of the backbone to fine-tune."""
+def _version(entry: dict[str, Any]) -> str:
+    """What identifies a stored file's content: ETag (S3), hash (GCS), else size and mtime."""
+    for k in ("ETag", "etag", "md5Hash", "crc32c"):
+        if entry.get(k):
+            return str(entry[k])
+    return f"{entry.get('size')}-{entry.get('LastModified') or entry.get('mtime') or entry.get('updated')}"
+
+
+def backbone_ref(cfg: Config) -> tuple[str, str | None]:
+    """The backbone as any node can name it: 'embedded', the pretrain output's URI, a hub id or a URI."""
     b = cfg.finetune.backbone
-    if b == "embedded":
-        return EMBEDDED_BACKBONE, None
     if b == "pretrain":
         folder = artifacts.stage_dir(cfg, "pretrain")
         artifacts.require(folder, "pretrain")
-        return local_folder(storage.join(folder, "model_ema")), None
-    return local_folder(b), cfg.finetune.backbone_subfolder
+        return storage.join(folder, "model_ema"), None
+    return b, cfg.finetune.backbone_subfolder
 
 
-def build_model(cfg: Config, stage: str, latents: dict[str, Any],
-                backbone: tuple[str, str | None] | None = None) -> torch.nn.Module:
-    """A fresh DiT (pretrain) or the pretrained backbone (finetune; ``backbone`` from the driver)."""
+def resolve(ref: str, subfolder: str | None = None) -> tuple[str, str | None]:
+    """Where *this* process loads a model from: the packaged embedded DiT, this node's copy of a
+    remote folder, or the hub id / local folder as given (with its subfolder)."""
+    if ref == "embedded":
+        return EMBEDDED_BACKBONE, None
+    if storage.is_remote(ref):
+        return local_folder(storage.join(ref, subfolder) if subfolder else ref), None
+    return ref, subfolder
+
+
+def model_config(ref: str, subfolder: str | None = None) -> dict[str, Any]:
+    """A DiT's config.json without its weights (read in place on object storage)."""
+    if storage.is_remote(ref):
+        return storage.read_json(storage.join(ref, *([subfolder] if subfolder else []), "config.json"))
+    return diffusion.dit_config(*resolve(ref, subfolder))
+
+
+def backbone_source(cfg: Config) -> tuple[str, str | None]:
+    """(hub id or local folder, subfolder) of the backbone, as this process loads it."""
+    return resolve(*backbone_ref(cfg))
+
+
+def build_model(cfg: Config, stage: str, latents: dict[str, Any]) -> torch.nn.Module:
+    """A fresh DiT (pretrain) or the pretrained backbone (finetune), loaded on this node."""
     if stage == "pretrain":
         c, h, _ = latents["latent_shape"]
         return diffusion.create_dit(cfg.pretrain.model, sample_size=h, in_channels=c,
                                     num_classes=max(latents["model_class_ids"]) + 1,
                                     learn_sigma=cfg.pretrain.learn_sigma)
-    path, sub = backbone or backbone_source(cfg)
-    return diffusion.load_dit(local_folder(path), sub)
+    return diffusion.load_dit(*backbone_source(cfg))
 
 
 def build_objective(cfg: Config, stage: str, latents: dict[str, Any], stats: dict[str, np.ndarray],
@@ -149,7 +190,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(derive_seed(tcfg.seed, stage, rank))
 
-    model = build_model(cfg, stage, latents, loop_config["backbone"])
+    model = build_model(cfg, stage, latents)
     objective = build_objective(cfg, stage, latents, stats, device)
     state = training.build_state(model, trainable=trainable_set(cfg, stage), lr=tcfg.lr,
                                  weight_decay=tcfg.weight_decay, objective=objective)
@@ -292,10 +333,9 @@ def fit(cfg: Config, stage: str, fp: str, folder: str | None = None) -> dict[str
     stats = load_tensors(storage.read_bytes(storage.join(latents_dir, schema.STATS)))
     folder = folder or artifacts.stage_dir(cfg, stage)
     mlflow_uri = tracking.mlflow_uri(cfg)
-    ray_runtime.init(cfg.ray)
+    ray_runtime.connect(cfg)
     workers = tcfg.num_workers
-    # leave one whole CPU: Ray Data's file-listing task asks for 1 CPU and cannot be told otherwise
-    cpus = tcfg.cpus_per_worker or ray_runtime.share(ray_runtime.cluster_cpus(), workers, reserve=1.0)
+    cpus = ray_runtime.worker_cpus(tcfg.cpus_per_worker, workers)
     resources = {"CPU": cpus, **({"GPU": 1} if tcfg.use_gpu else {})}
     shard_uris = [storage.join(latents_dir, s) for s in latents["shards"]]
     fs, _ = storage.arrow_filesystem(shard_uris[0])
@@ -313,11 +353,13 @@ def fit(cfg: Config, stage: str, fp: str, folder: str | None = None) -> dict[str
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "stage": stage, "latents": _slim(latents),
-                           "backbone": _remote_backbone(cfg) if stage == "finetune" else None,
                            "stats": stats, "threads": ray_runtime.torch_threads(cpus), "mlflow_uri": mlflow_uri,
                            "folder": folder},
+        # GPU workers pack onto few nodes (NCCL stays inside a machine); CPU workers spread, each
+        # getting a node's cores to itself
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=tcfg.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               placement_strategy="PACK" if tcfg.use_gpu else "SPREAD"),
         run_config=ray.train.RunConfig(
             name=f"{stage}-{fp}", storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
@@ -345,13 +387,6 @@ def _ordered() -> Any:
     options = ExecutionOptions()
     options.preserve_order = True
     return options
-
-
-def _remote_backbone(cfg: Config) -> tuple[str, str | None]:
-    """The backbone as workers on any node can load it: the URI of a stage output, else as given."""
-    if cfg.finetune.backbone == "pretrain":
-        return storage.join(artifacts.stage_dir(cfg, "pretrain"), "model_ema"), None
-    return backbone_source(cfg)
 
 
 def _slim(latents: dict[str, Any]) -> dict[str, Any]:
@@ -388,8 +423,7 @@ def check_against_model(cfg: Config, stage: str, latents: dict[str, Any]) -> Non
             raise ArtifactError(f"latent size {latents['latent_shape'][1]} is not divisible by the patch size "
                                 f"{size.patch_size} of {cfg.pretrain.model}")
         return
-    path, sub = backbone_source(cfg)
-    conf = diffusion.dit_config(path, sub)
+    conf = model_config(*backbone_ref(cfg))
     check_latents(latents, shape=(conf["in_channels"], conf["sample_size"], conf["sample_size"]),
                   num_model_classes=conf["num_embeds_ada_norm"], class_ids=latents["model_class_ids"])
 

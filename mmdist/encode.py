@@ -146,9 +146,9 @@ def main(cfg: Config) -> dict[str, Any]:
              len(train.items), len(train.classes), len(plans), len(todo), folder)
     gpus = 0.0
     if todo:
-        ray_runtime.init(cfg.ray)
+        ray_runtime.connect(cfg)
         metas.update(_run_actors(cfg, folder, fp, plans, todo))
-        gpus = cfg.encode.num_gpus_per_actor * _pool_size(cfg, len(todo))
+        gpus = cfg.encode.num_gpus_per_actor * _pool_size(cfg, len(todo))[1]
     skipped = [s for i in sorted(metas) for s in metas[i]["skipped"]]
     if skipped and cfg.encode.strict:
         raise DataError(f"encode.strict: {len(skipped)} images could not be used, first: {skipped[0]}")
@@ -178,15 +178,12 @@ def main(cfg: Config) -> dict[str, Any]:
     )
 
 
-def _pool_size(cfg: Config, shards_to_do: int) -> int:
-    """Encoder actors: as configured, else one per GPU share or per CPU."""
+def _pool_size(cfg: Config, shards_to_do: int) -> tuple[int, int, float]:
+    """(min, max, CPUs per actor) of the encoder pool: fixed on a laptop, a range on a cluster
+    that Ray Data grows as nodes join (mmdist.ray_runtime.actor_pool)."""
     from mmdist import ray_runtime
 
-    if cfg.encode.num_actors:
-        return min(cfg.encode.num_actors, shards_to_do)
-    if cfg.encode.num_gpus_per_actor > 0:
-        return max(1, min(shards_to_do, int(ray_runtime.cluster_gpus() / cfg.encode.num_gpus_per_actor)))
-    return max(1, min(shards_to_do, int(ray_runtime.cluster_cpus())))
+    return ray_runtime.actor_pool(cfg.encode.num_actors, shards_to_do, cfg.encode.num_gpus_per_actor)
 
 
 def _run_actors(cfg: Config, folder: str, fp: str, plans: list, todo: list[int]) -> dict[int, dict]:
@@ -194,14 +191,11 @@ def _run_actors(cfg: Config, folder: str, fp: str, plans: list, todo: list[int])
     import ray
     from tqdm import tqdm
 
-    from mmdist import ray_runtime
-
-    size = _pool_size(cfg, len(todo))
-    cpus = ray_runtime.share(ray_runtime.cluster_cpus(), size, reserve=0.25)
+    lo, hi, cpus = _pool_size(cfg, len(todo))
     rows = [{"shard": i, "items": json.dumps([list(_item_row(it)) for it in plans[i]])} for i in todo]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         ShardEncoder, fn_constructor_kwargs=dict(config=cfg.to_dict(), folder=folder, fp=fp, cpus=cpus),
-        batch_size=1, compute=ray.data.ActorPoolStrategy(size=size),
+        batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
         num_cpus=cpus, num_gpus=cfg.encode.num_gpus_per_actor or None,
     )
     out = {}

@@ -361,7 +361,7 @@ def main(cfg: Config) -> dict[str, Any]:
         keys |= {set_key(m, ipc, e.seeds[0]) for m, ipc in diag_todo}
         sets = build_sets(cfg, classes, keys)
         test = datasets.load_images(cfg.data, test_index.items, e.split)
-        ray_runtime.init(cfg.ray)
+        ray_runtime.connect(cfg)
         if e.protocol == "soft" or diag_todo:
             teacher = teacher_state(cfg, test, res)
         for method, ipc in diag_todo:
@@ -447,7 +447,7 @@ def _run_grid(cfg: Config, todo: list[dict], sets: dict, test: tuple, classes: t
     from mmdist import ray_runtime
 
     e = cfg.evaluate
-    cpus = e.cpus_per_trial or max(0.5, min(1.0, ray_runtime.cluster_cpus() / max(len(todo), 1)))
+    cpus = ray_runtime.trial_cpus(e.cpus_per_trial, len(todo))  # Tune runs as many at once as fit
     shared = {"config": cfg.to_dict(), "sets": {k: ray.put(v) for k, v in sets.items()}, "test": ray.put(test),
               "teacher": ray.put(teacher if e.protocol == "soft" else None), "classes": list(classes),
               "resolution": res, "folder": folder,

@@ -40,17 +40,22 @@ log = logging.getLogger("mmdist")
 class ClassSampler:
     """Ray actor: holds one DiT and the decoder; ``sample_class`` writes one class."""
 
-    def __init__(self, config: dict[str, Any], model_dir: str, folder: str, latents: dict[str, Any],
+    def __init__(self, config: dict[str, Any], model: tuple[str, str | None], folder: str, latents: dict[str, Any],
                  threads: int, fingerprint: str, center: np.ndarray | None = None):
+        from mmdist.distributed import resolve
         from mmdist.models import diffusion
 
         self.cfg = Config.from_dict(config)
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() and self.cfg.sample.num_gpus_per_actor > 0
                                    else "cpu")
-        self.model = diffusion.load_dit(model_dir).eval().to(self.device)
+        # ``model`` names the DiT as every node can (output URI, hub id, 'embedded'): this node
+        # loads or copies it itself, the driver's disk is never read
+        self.model = diffusion.load_dit(*resolve(*model)).eval().to(self.device)
         decoder = self.cfg.sample.decoder or self.cfg.encode.encoder
         subfolder = None if self.cfg.sample.decoder else self.cfg.encode.encoder_subfolder
+        if decoder != "identity":
+            decoder, subfolder = resolve(decoder, subfolder)
         self.decoder = diffusion.LatentEncoder(decoder, subfolder, latents["scaling_factor"], self.device)
         self.folder, self.latents, self.fingerprint = folder, latents, fingerprint
         self.center = None if center is None else torch.from_numpy(np.array(center))
@@ -180,34 +185,21 @@ def variant_names(cfg: Config) -> list[str]:
     return list(dict.fromkeys(wanted))
 
 
-def variants(cfg: Config) -> dict[str, str]:
-    """Variant name -> model folder: a fine-tuned variant's weights, or the backbone for diffusion."""
-    from mmdist.distributed import backbone_source, local_folder
+def variants(cfg: Config) -> dict[str, tuple[str, str | None]]:
+    """Variant name -> (model, subfolder) as any node names it: a fine-tuned variant's output URI, or
+    the backbone ('embedded', the pretrain output, a hub id or a URI). Never a path on the driver."""
+    from mmdist.distributed import backbone_ref
     from mmdist.finetune import variant_dir
 
     out = {}
     for name in variant_names(cfg):
         base = base_method(name)
         if base == "diffusion":
-            path, sub = backbone_source(cfg)
-            out[name] = _with_subfolder(path, sub)
+            out[name] = backbone_ref(cfg)
         else:
             weights = "model_ema" if cfg.sample.use_ema else "model"
-            out[name] = local_folder(storage.join(variant_dir(cfg, base), weights))
+            out[name] = (storage.join(variant_dir(cfg, base), weights), None)
     return out
-
-
-def _with_subfolder(path: str, sub: str | None) -> str:
-    """A loadable folder for (hub id or folder, subfolder)."""
-    if not sub:
-        return path
-    import os
-
-    if os.path.isdir(os.path.join(path, sub)):
-        return os.path.join(path, sub)
-    from huggingface_hub import snapshot_download
-
-    return os.path.join(snapshot_download(path, allow_patterns=[f"{sub}/*"]), sub)
 
 
 def selected_labels(cfg: Config, latents: dict[str, Any]) -> list[int]:
@@ -223,7 +215,7 @@ def selected_labels(cfg: Config, latents: dict[str, Any]) -> list[int]:
 
 def main(cfg: Config) -> dict[str, Any]:
     """Sample every variant; skip finished classes and finished variants."""
-    from mmdist.models import diffusion
+    from mmdist.distributed import model_config
 
     latents = artifacts.require(artifacts.stage_dir(cfg, "encode"), "encode")
     tuned = artifacts.require(artifacts.stage_dir(cfg, "finetune"), "finetune")
@@ -238,10 +230,11 @@ def main(cfg: Config) -> dict[str, Any]:
     gpu_seconds = 0.0
     results = {v: {} for v in (done or {}).get("variants", [])}  # variants sampled by an earlier run
     references = None
-    for variant, model_dir in variants(cfg).items():
+    for variant, model in variants(cfg).items():
         if variant in results:
             continue
-        conf = diffusion.dit_config(model_dir)
+        conf = model_config(*model)
+        model_dir = model[0]
         needed = max(latents["model_class_ids"]) + 1
         if conf["num_embeds_ada_norm"] < needed:
             raise ArtifactError(f"{variant} model at {model_dir} has {conf['num_embeds_ada_norm']} classes; "
@@ -253,7 +246,7 @@ def main(cfg: Config) -> dict[str, Any]:
         folder = storage.join(stage_folder, variant)
         if variant.endswith(SELECT) and references is None:
             references = class_references(cfg, latents, labels)
-        results[variant], seconds = _sample_variant(cfg, variant, model_dir, folder, latents, labels, fp,
+        results[variant], seconds = _sample_variant(cfg, variant, model, folder, latents, labels, fp,
                                                     references if variant.endswith(SELECT) else None)
         gpu_seconds += seconds
     wall = time.time() - start
@@ -293,12 +286,11 @@ def class_references(cfg: Config, latents: dict[str, Any], labels: list[int]) ->
     return {"center": center, "per_class": refs}
 
 
-def _sample_variant(cfg: Config, variant: str, model_dir: str, folder: str, latents: dict[str, Any],
+def _sample_variant(cfg: Config, variant: str, model: tuple[str, str | None], folder: str, latents: dict[str, Any],
                     labels: list[int], fp: str, references: dict[str, Any] | None = None
                     ) -> tuple[dict[str, Any], float]:
     """Fan the unfinished classes of one variant out over actors; publish its manifest."""
     import ray
-    from ray.util import ActorPool
     from tqdm import tqdm
 
     from mmdist import ray_runtime
@@ -318,31 +310,26 @@ def _sample_variant(cfg: Config, variant: str, model_dir: str, folder: str, late
     start = time.time()
     n_actors = 0
     if todo:
-        ray_runtime.init(cfg.ray)
+        ray_runtime.connect(cfg)
         s = cfg.sample
-        if s.num_actors:
-            n_actors = s.num_actors
-        elif s.num_gpus_per_actor > 0:
-            n_actors = int(ray_runtime.cluster_gpus() / s.num_gpus_per_actor)
-        else:
-            n_actors = int(ray_runtime.cluster_cpus())
-        n_actors = max(1, min(n_actors, len(todo)))
-        cpus = ray_runtime.share(ray_runtime.cluster_cpus(), n_actors, reserve=0.25)
+        _, n_actors, cpus = ray_runtime.actor_pool(s.num_actors, len(todo), s.num_gpus_per_actor)
         # "DEFAULT" keeps the actors out of an enclosing placement group (a Tune trial of jobs.sweep)
         actor_cls = ray.remote(ClassSampler).options(
             num_cpus=cpus, num_gpus=s.num_gpus_per_actor, max_restarts=3, max_task_retries=3,
             scheduling_strategy="DEFAULT")
         center = None if references is None else references["center"]
         refs = {} if references is None else {lab: ray.put(references["per_class"][lab]) for lab in todo}
-        actors = [actor_cls.remote(cfg.to_dict(), model_dir, folder, latents, ray_runtime.torch_threads(cpus), vfp,
-                                   center) for _ in range(n_actors)]
-        pool = ActorPool(actors)
-        with tqdm(total=len(todo), desc=f"sample {variant}", unit="class") as bar:
-            for marker in pool.map_unordered(lambda a, lab: a.sample_class.remote(lab, refs.get(lab)), todo):
-                markers[marker["label"]] = marker
-                bar.update()
-        for a in actors:
-            ray.kill(a)
+        actors = [actor_cls.remote(cfg.to_dict(), model, folder, latents, ray_runtime.torch_threads(cpus), vfp, center)
+                  for _ in range(n_actors)]
+        try:
+            with tqdm(total=len(todo), desc=f"sample {variant}", unit="class") as bar:
+                for marker in ray_runtime.elastic_map(
+                        actors, lambda a, lab: a.sample_class.remote(lab, refs.get(lab)), todo):
+                    markers[marker["label"]] = marker
+                    bar.update()
+        finally:
+            for a in actors:  # started or still waiting for a node: either way, done
+                ray.kill(a)
     seconds = (time.time() - start) * n_actors * cfg.sample.num_gpus_per_actor
     rows = []
     for lab in labels:
@@ -354,7 +341,7 @@ def _sample_variant(cfg: Config, variant: str, model_dir: str, folder: str, late
     labelled_grid(rows).save(buf, format="PNG")
     storage.write_bytes(storage.join(folder, "grid.png"), buf.getvalue())
     manifest = {
-        "kind": "samples", "fingerprint": vfp, "variant": variant, "model": model_dir,
+        "kind": "samples", "fingerprint": vfp, "variant": variant, "model": model[0],
         "ipc": cfg.sample.ipc, "seed": cfg.sample.seed, "scheduler": cfg.sample.scheduler,
         "steps": cfg.sample.steps, "guidance_scale": cfg.sample.guidance_scale,
         "guidance_channels": cfg.sample.guidance_channels,

@@ -98,7 +98,7 @@ def main(cfg: Config, space: dict[str, Any], num_samples: int = 8,
     if cfg.evaluate.split != "val":
         raise ConfigError("evaluate.split: a sweep selects on the validation split; set evaluate.split=val and "
                           "data.val_per_class>0 (selecting on the test split reports an optimistic accuracy)")
-    ray_runtime.init(cfg.ray)
+    ray_runtime.connect(cfg)
     base = shared_base(cfg)
     root = storage.join(cfg.output, "sweep")
     storage_path = storage.join(root, "tune")

@@ -53,7 +53,7 @@ def test_ablation_rows_are_paired_runs_and_select_keeps_the_base_images(smoke_ru
     latents = artifacts.require(os.path.join(cfg.output, "latents"), "encode")
     refs = sample.class_references(cfg, latents, [0, 1])
     model_dir = os.path.join(cfg.output, "finetune", "minimax", "model_ema")
-    candidates = sample.ClassSampler(cfg.to_dict(), model_dir, str(tmp_path / "scratch"), latents, 1, "-",
+    candidates = sample.ClassSampler(cfg.to_dict(), (model_dir, None), str(tmp_path / "scratch"), latents, 1, "-",
                                      refs["center"])
     for entry in manifest["classes"]:
         with open(os.path.join(samples, "minimax+select", "classes", f"{entry['folder']}.json")) as f:
