@@ -60,7 +60,10 @@ def diagnose(teacher: nn.Module, images: np.ndarray, labels: np.ndarray, real: t
     """Fidelity and class-averaged PRDC of a labelled set; ``real`` = (features, labels) of the reference."""
     feats, preds = features(teacher, images, resolution)
     out = {"fidelity": round(100.0 * float((preds.numpy() == labels).mean()), 2)}
-    per_class = [prdc(real[0][real[1] == c], feats[labels == c], k) for c in np.unique(labels)]
+    # PRDC needs k-NN balls on both sides: a class with under k+1 reference images or under 2
+    # generated ones (IPC 1) has none, so it is left out; with no class left the figures are None.
+    per_class = [prdc(real[0][real[1] == c], feats[labels == c], k) for c in np.unique(labels)
+                 if (real[1] == c).sum() > k and (labels == c).sum() >= 2]
     for key in ("precision", "recall", "density", "coverage"):
-        out[key] = round(float(np.mean([p[key] for p in per_class])), 4)
+        out[key] = round(float(np.mean([p[key] for p in per_class])), 4) if per_class else None
     return out

@@ -509,9 +509,12 @@ def diagnostics_markdown(diagnosed: list[dict[str, Any]], note: str) -> str:
     lines = [f"Distilled-set diagnostics ({note}; k-NN manifolds, k = 5, against "
              f"{DIAGNOSTIC_REFERENCE} real train images per class):", "",
              "| method | IPC | fidelity % | precision | recall | density | coverage |", "|---|---|---|---|---|---|---|"]
+    def cell(value: float | None) -> str:
+        return "–" if value is None else f"{value:.3f}"  # None: too few images per class for k-NN balls
+
     for d in diagnosed:
-        lines.append(f"| {d['method']} | {d['ipc']} | {d['fidelity']:.2f} | {d['precision']:.3f} | {d['recall']:.3f} "
-                     f"| {d['density']:.3f} | {d['coverage']:.3f} |")
+        lines.append(f"| {d['method']} | {d['ipc']} | {d['fidelity']:.2f} | "
+                     + " | ".join(cell(d[key]) for key in ("precision", "recall", "density", "coverage")) + " |")
     return "\n".join(lines)
 
 

@@ -72,7 +72,7 @@ def test_path_like_class_names_stay_inside_the_output_root(ray_cluster, tmp_path
                        data={"source": "parquet", "train": str(source / "train.parquet"),
                              "test": str(source / "test.parquet"), "classes": None, "channels": 1,
                              "image_size": 16, "max_per_class": None},
-                       sample={"ipc": 1, "steps": 2, "baseline": False})
+                       sample={"ipc": 1, "steps": 2, "baseline": False}, evaluate={"ipcs": [1]})
     latents = encode.main(cfg)
     assert latents["classes"] == sorted(ODD_NAMES)
     publish_finetune(cfg, latents, backbone)  # the DiT as the fine-tuned model: names are what is tested

@@ -79,3 +79,6 @@ def test_diagnose_reports_fidelity_of_a_teacher():
     assert out["fidelity"] == 100.0 and out["precision"] > 0.5
     flipped = diagnostics.diagnose(teacher, x, 1 - y, real, 16, k=3)
     assert flipped["fidelity"] == 0.0 and flipped["precision"] == 0.0
+    # IPC 1: no k-NN ball around a lone generated image, so PRDC is None while fidelity still counts
+    single = diagnostics.diagnose(teacher, x[[0, 10]], y[[0, 10]], real, 16, k=3)
+    assert single["fidelity"] == 100.0 and single["precision"] is None and single["coverage"] is None
