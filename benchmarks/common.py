@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 # Set before Ray (or anything that may start it) is imported: workers inherit the environment.
@@ -40,10 +41,12 @@ _RAY_TEMP: str | None = None  # the private Ray cluster's session folder (logs),
 # ----------------------------------------------------------------------------------------------
 
 
-def parse_args(doc: str, name: str, root: bool = False) -> argparse.Namespace:
+def parse_args(doc: str, name: str, root: bool = False,
+               extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
     """``--quick`` (a 1-2 minute sanity run), ``--out`` and ``--keep`` (keep the scratch folder).
 
     ``root``: also ``--root``, a persistent folder for a benchmark whose stages resume.
+    ``extra``: adds a benchmark's own options to the parser.
     """
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
@@ -52,6 +55,8 @@ def parse_args(doc: str, name: str, root: bool = False) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the scratch folder (images, shards, models)")
     if root:
         p.add_argument("--root", default=None, help="folder of the benchmark's artifacts (kept, resumable)")
+    if extra:
+        extra(p)
     args = p.parse_args()
     if args.out is None:
         args.out = os.path.join(RESULTS, f"{name}.quick.json" if args.quick else f"{name}.json")

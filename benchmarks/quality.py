@@ -1,6 +1,11 @@
 """Quality benchmark: Fashion-MNIST, ConvNet-3, every ablation row, hard and soft labels, IPC 10 and 50.
 
     python benchmarks/quality.py [--quick] [--root runs/quality]  ->  benchmarks/results/quality.json
+    python benchmarks/quality.py --cpu                             ->  benchmarks/results/quality.cpu.json
+
+``--cpu`` is the part that fits about an hour of a 2-core machine: hard labels, IPC 10, the rows
+that isolate the method (diffusion, finetune, minimax, minimax+select, random), 3 seeds, 100
+epochs (the default run's schedule).
 
 One run, one machine, paired rows (same fine-tuning seed and batches, same sampler noise for image
 k of class c, same evaluation seeds):
@@ -37,6 +42,9 @@ ROWS_50 = ("diffusion", "minimax", "random")
 ROWS_SOFT = ("diffusion", "minimax", "minimax+select", "random")
 FULL = dict(seeds=(0, 1, 2, 3, 4), seeds_50=(0, 1, 2), epochs={10: 300, 50: 60, "full": 2}, evals=3,
             teacher_epochs=10, finetune_steps=None, sample_steps=None, max_per_class=None)
+CPU = dict(seeds=(0, 1, 2), seeds_50=(0,), epochs={10: 100, 50: 60, "full": 2}, evals=2, teacher_epochs=5,
+           finetune_steps=None, sample_steps=None, max_per_class=None,
+           rows_10=("diffusion", "finetune", "minimax", "minimax+select", "random"), runs=("hard-ipc10",))
 QUICK = dict(seeds=(0,), seeds_50=(0,), epochs={10: 2, 50: 1, "full": 1}, evals=1, teacher_epochs=1,
              finetune_steps=4, sample_steps=4, max_per_class=60)
 ANCHORS = {  # ConvNet-3 on Fashion-MNIST, hard labels: the DC and DSA papers (docs/method.md §4)
@@ -54,7 +62,8 @@ def base_config(root: str, p: dict) -> object:
         data=dataclasses.replace(cfg.data, train=FMNIST, download=False, max_per_class=p["max_per_class"]),
         finetune=dataclasses.replace(cfg.finetune, **quick),
         sample=dataclasses.replace(cfg.sample, ipc=10, steps=p["sample_steps"] or cfg.sample.steps),
-        evaluate=dataclasses.replace(cfg.evaluate, protocol="hard", methods=ROWS_10, archs=("convnet",), ipcs=(10,),
+        evaluate=dataclasses.replace(cfg.evaluate, protocol="hard", methods=p.get("rows_10", ROWS_10),
+                                     archs=("convnet",), ipcs=(10,),
                                      seeds=p["seeds"], epochs=p["epochs"][10], evals=p["evals"],
                                      teacher_arch="convnet_w32", teacher_epochs=p["teacher_epochs"]),
     ))
@@ -74,8 +83,13 @@ def linked(cfg: object, root: str, name: str, stages: tuple[str, ...], **section
 
 def main() -> None:
     """Fine-tune every variant, sample at IPC 10 and 50, evaluate the grids, write JSON."""
-    args = common.parse_args(__doc__, "quality", root=True)
-    p = QUICK if args.quick else FULL
+    def cpu_flag(parser):
+        parser.add_argument("--cpu", action="store_true", help="the hour-long part (see above)")
+
+    args = common.parse_args(__doc__, "quality", root=True, extra=cpu_flag)
+    if args.cpu and not args.quick and args.out.endswith("quality.json"):
+        args.out = args.out.replace("quality.json", "quality.cpu.json")
+    p = QUICK if args.quick else CPU if args.cpu else FULL
     root = os.path.abspath(args.root or ("runs/quality-quick" if args.quick else "runs/quality"))
     facts = common.machine_facts()
     common.set_torch_threads(1)
@@ -94,6 +108,7 @@ def main() -> None:
                                                                   "epochs": p["epochs"]["full"],
                                                                   "diagnostics": False}),
     }
+    runs = {k: v for k, v in runs.items() if k in p.get("runs", runs)}
     walls, rows, diagnostics, tables = {}, [], [], []
     for name, rcfg in runs.items():
         stages = ("evaluate",) if name == "full" else None
@@ -121,6 +136,7 @@ def main() -> None:
         "anchors_hard_convnet3": ANCHORS,
         "wall_seconds": walls,
         "quick": args.quick,
+        "preset": "quick" if args.quick else "cpu" if args.cpu else "full",
         "machine": common.finish_facts(facts),
     }
     common.write_json(args.out, common.rnd(result))

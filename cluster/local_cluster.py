@@ -158,8 +158,11 @@ class LocalCluster:
         nodes on this machine as demand asks (sharing its disk: they are not private).
         """
         gcs, dash, client, agent, agent_grpc, metrics, renv, node_mgr, obj_mgr = free_ports(9)
-        temp_dir = os.path.join(self.base_dir, "head")  # Unix socket paths stay under ~107 bytes
-        os.makedirs(temp_dir, exist_ok=True)
+        # Ray's Unix sockets live under <temp-dir>/session_<41 chars>/sockets/ and a socket path
+        # may not exceed 107 bytes, so the head's temp dir is short whatever base_dir is (pytest's
+        # /tmp/pytest-of-root/pytest-NN/... is not)
+        temp_dir = tempfile.mkdtemp(prefix="mmdist-head-", dir="/tmp")
+        self._head_temp = temp_dir
         env = _node_env(self.env)
         if self.credentials:  # the head's own credentials, as a file (its instance role)
             env["AWS_SHARED_CREDENTIALS_FILE"] = self.credentials
@@ -274,6 +277,12 @@ class LocalCluster:
             node.stop()
         if self.head:
             self.head.stop()
+            try:  # the head's logs stay beside the workers' in base_dir
+                shutil.copytree(self._head_temp, os.path.join(self.base_dir, "head"), dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("sockets"), symlinks=True)
+            except (OSError, shutil.Error):
+                pass
+            shutil.rmtree(self._head_temp, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:
         return self

@@ -171,6 +171,15 @@ def release(folder: str) -> None:
         storage.remove(uri)
 
 
+def release_all() -> None:
+    """Give up every lease this process holds: a stage that failed leaves its folder free for the
+    rerun at once, not after ``LEASE_SECONDS`` (or never, in a driver that goes on running)."""
+    with _HELD_LOCK:
+        uris = list(_HELD)
+    for uri in uris:
+        release(uri.removesuffix(".lease"))
+
+
 def _renew(uri: str, mine: dict[str, Any], stop: threading.Event) -> None:
     """Background thread: rewrite the lease's renewal time until released."""
     while not stop.wait(LEASE_SECONDS / 4):

@@ -132,7 +132,13 @@ def main(argv: list[str] | None = None, base: Config | None = None, stages: tupl
         if args.command == "run":
             module.main(cfg, stages=stages)
         else:
-            module.main(cfg)
+            try:
+                module.main(cfg)
+            except BaseException:
+                from mmdist import artifacts
+
+                artifacts.release_all()  # a refused or failed stage leaves its folder free for the rerun
+                raise
         return 0
     except KeyboardInterrupt:
         print("mmdist: interrupted; finished shards, checkpoints and classes are kept — rerun to resume",

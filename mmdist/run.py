@@ -42,7 +42,11 @@ def main(cfg: Config, stages: tuple[str, ...] | None = None) -> dict[str, Any]:
         start = time.time()
         log.info("stage %s: start", stage)
         module = importlib.import_module(f"mmdist.{stage}")
-        results[stage] = module.main(cfg)
+        try:
+            results[stage] = module.main(cfg)
+        except BaseException:
+            artifacts.release_all()  # a refused or failed stage leaves its folder free for the rerun
+            raise
         manifest = results[stage]
         summary.append((stage, time.time() - start, manifest.get("wall_seconds", 0.0),
                         manifest.get("accelerator_seconds", 0.0)))

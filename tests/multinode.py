@@ -111,8 +111,11 @@ def upload_fashion_mnist(bucket: str, train_per_class: int = 48, test_per_class:
 
 
 def submit(cluster: LocalCluster, job_id: str, args: list[str], module: str = "jobs.smoke",
-           timeout: float = 900) -> tuple[str, str, subprocess.CompletedProcess]:
-    """`ray job submit --working-dir <repo> -- python -m <module> <args>`; returns (status, logs, cli)."""
+           timeout: float = 900, working_dir: bool = True) -> tuple[str, str, subprocess.CompletedProcess]:
+    """`ray job submit --working-dir <repo> -- python -m <module> <args>`; returns (status, logs, cli).
+
+    ``working_dir=False`` leaves the flag out (the nodes import the installed package).
+    """
     from ray.job_submission import JobSubmissionClient
 
     env = {k: v for k, v in os.environ.items() if k not in AWS_KEYS}
@@ -122,7 +125,8 @@ def submit(cluster: LocalCluster, job_id: str, args: list[str], module: str = "j
     cli = None
     for _attempt in range(6):  # the job agent can lag the dashboard ("No available agent")
         cli = subprocess.run([os.path.join(BIN, "ray"), "job", "submit", "--address", cluster.dashboard_url,
-                              "--submission-id", job_id, "--working-dir", ROOT, "--", "python", "-m", module, *args],
+                              "--submission-id", job_id, *(["--working-dir", ROOT] if working_dir else []), "--",
+                              "python", "-m", module, *args],
                              env=env, capture_output=True, text=True, timeout=timeout)
         if any(j.submission_id == job_id for j in client.list_jobs()):
             break

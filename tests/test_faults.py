@@ -253,6 +253,21 @@ def test_a_second_writer_is_refused_naming_the_holder_until_the_holder_dies(tmp_
     assert not os.path.exists(artifacts.lease_uri(folder))
 
 
+def test_a_stage_that_fails_gives_its_lease_back_at_once(tmp_path):
+    from conftest import smoke_config
+
+    from mmdist import artifacts, run
+    from mmdist.errors import DataError
+
+    cfg = smoke_config(str(tmp_path / "run"), data={"source": "imagefolder", "train": str(tmp_path / "missing"),
+                                                    "test": None, "classes": None, "max_per_class": None})
+    with pytest.raises(DataError):
+        run.main(cfg)  # fails after encode took its lease (the data is read under it)
+    assert not os.path.exists(artifacts.lease_uri(os.path.join(cfg.output, "latents")))
+    artifacts.lease(os.path.join(cfg.output, "latents"), "encode")  # free for the rerun, no wait
+    artifacts.release_all()
+
+
 def test_a_lease_on_object_storage_expires_after_its_holders_last_renewal(bucket):
     from mmdist import artifacts, storage
     from mmdist.errors import ArtifactError
