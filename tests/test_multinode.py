@@ -389,7 +389,8 @@ def test_imagenet1k_shaped_rehearsal_runs_every_stage_at_1000_classes(two_nodes,
     out = f"{store[0]}/in1k/run"
     args = [f"output={out}", "data.source=imagefolder", f"data.train={train}", f"data.test={val}",
             "data.classes=null", "data.max_per_class=null", "data.image_size=8", "data.channels=3",
-            "encode.shard_rows=256", "finetune.num_workers=2", "finetune.global_batch_size=256", "sample.ipc=1", "sample.steps=2", "sample.batch_size=1",
+            "encode.shard_rows=256", "finetune.num_workers=2", "finetune.global_batch_size=256",
+            "sample.ipc=1", "sample.steps=2", "sample.batch_size=1",
             "sample.baseline=false", "evaluate.protocol=soft", f"evaluate.teacher={teacher}", "evaluate.archs=[tiny]",
             "evaluate.methods=[minimax]", "evaluate.ipcs=[1]", "evaluate.seeds=[0]", "evaluate.epochs=1"]
     status, logs, cli = submit(two_nodes, "rehearsal-1000", args, timeout=1800)
