@@ -42,7 +42,7 @@ ROWS_50 = ("diffusion", "minimax", "random")
 ROWS_SOFT = ("diffusion", "minimax", "minimax+select", "random")
 FULL = dict(seeds=(0, 1, 2, 3, 4), seeds_50=(0, 1, 2), epochs={10: 300, 50: 60, "full": 2}, evals=3,
             teacher_epochs=10, finetune_steps=None, sample_steps=None, max_per_class=None)
-CPU = dict(seeds=(0, 1, 2), seeds_50=(0,), epochs={10: 100, 50: 60, "full": 2}, evals=2, teacher_epochs=5,
+CPU = dict(seeds=(0, 1, 2, 3, 4), seeds_50=(0,), epochs={10: 100, 50: 60, "full": 2}, evals=2, teacher_epochs=5,
            finetune_steps=None, sample_steps=None, max_per_class=None,
            rows_10=("diffusion", "finetune", "minimax", "minimax+select", "random"), runs=("hard-ipc10",))
 QUICK = dict(seeds=(0,), seeds_50=(0,), epochs={10: 2, 50: 1, "full": 1}, evals=1, teacher_epochs=1,

@@ -23,6 +23,8 @@ from torch import nn
 from mmdist import protocols
 from mmdist.models.classifiers import penultimate
 
+REFERENCE_PER_CLASS = 500  # real train images per class that the generated sets are compared with
+
 
 @torch.no_grad()
 def features(teacher: nn.Module, images: np.ndarray, resolution: int, batch_size: int = 500

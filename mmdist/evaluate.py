@@ -5,23 +5,20 @@ seed, the field's baseline under the same recipe), ``full`` (the whole train spl
 ``distilled`` (any ImageFolder given as ``evaluate.distilled``). IPC k of a sampled set is its
 first k images per class. Each trial trains one test network under the protocol (hard or soft,
 ``mmdist.protocols``) and writes its result file; a rerun skips finished trials. Results go to
-results.{md,csv,json} and accuracy.png, and every row names its protocol.
+results.{md,csv,json} and accuracy.png (``mmdist.tables``), and every row names its protocol;
+the teacher for soft labels and diagnostics is ``mmdist.teacher``.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import replace
-from functools import partial
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from mmdist import artifacts, datasets, protocols, schema, storage, tracking
@@ -29,6 +26,8 @@ from mmdist.config import Config, is_generated, to_dict
 from mmdist.errors import ConfigError, DataError
 from mmdist.models import classifiers
 from mmdist.seeding import derive_seed
+from mmdist.tables import aggregate, diagnostics_markdown, markdown, write_tables
+from mmdist.teacher import build_model, check_teacher, teacher_note, teacher_state
 
 log = logging.getLogger("mmdist")
 
@@ -166,7 +165,7 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
                                image_size=res).to(device)
     teacher = None
     if protocol.soft:
-        teacher = _teacher_model(ray.get(shared["teacher"]), x.shape[1], num_classes, res).to(device)
+        teacher = build_model(ray.get(shared["teacher"]), x.shape[1], num_classes, res).to(device)
     start = time.time()
     out = protocols.fit(model, protocols.to_float(torch.from_numpy(x), res).to(device), torch.from_numpy(y).to(device),
                         protocols.to_float(torch.from_numpy(tx), res).to(device), torch.from_numpy(ty).to(device),
@@ -176,138 +175,6 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
            "curve": out["curve"], "started": start, "finished": time.time(),
            "seconds": round(time.time() - start, 1), "fingerprint": shared["fp"]}
     storage.write_json(storage.join(shared["folder"], "trials", f"{spec['key']}.json"), row)
-
-
-# ----------------------------------------------------------------------------------------------
-# Teacher for the soft protocol
-# ----------------------------------------------------------------------------------------------
-
-
-def _teacher_model(state: dict[str, Any], channels: int, num_classes: int, res: int) -> torch.nn.Module:
-    """Rebuild a teacher from its architecture name and weights (strict: every tensor must fit)."""
-    model = classifiers.create(state["arch"], in_channels=channels, num_classes=num_classes, image_size=res)
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state["weights"].items()})
-    return model.eval()
-
-
-TEACHER_FILES = (".safetensors", ".pth", ".pt", ".bin")
-
-
-def _load_weights(uri: str) -> dict[str, np.ndarray]:
-    """A state dict from a .safetensors file, or a torchvision/timm .pth (tensors only: weights_only)."""
-    from safetensors.numpy import load as load_tensors
-
-    data = storage.read_bytes(uri)
-    if uri.endswith(".safetensors"):
-        return load_tensors(data)
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001  (any unpickling refusal or corrupt file)
-        raise DataError(f"evaluate.teacher: {uri} is not a readable state dict ({type(e).__name__})") from None
-    for wrapper in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise DataError(f"evaluate.teacher: {uri} holds no state dict of tensors")
-    return {k.removeprefix("module."): v.numpy() for k, v in state.items()}
-
-
-def check_teacher(cfg: Config) -> dict[str, Any]:
-    """Load ``evaluate.teacher`` and check that it is a ``teacher_arch`` classifier of the data's classes.
-
-    Raises a one-line DataError before any trial starts; returns the teacher state.
-    """
-    e = cfg.evaluate
-    classes = cfg.data.classes or datasets.index_split(cfg.data, "train").classes
-    res = e.resolution or cfg.data.image_size
-    if e.teacher.endswith(TEACHER_FILES):
-        if not storage.exists(e.teacher):
-            raise DataError(f"evaluate.teacher: {e.teacher} does not exist")
-        state = {"arch": e.teacher_arch, "weights": _load_weights(e.teacher), "key": e.teacher, "test_acc": None}
-    else:
-        manifest = storage.join(e.teacher, schema.MANIFEST)
-        if not storage.exists(manifest):
-            raise DataError(f"evaluate.teacher: {e.teacher} is neither a teacher folder made by mmdist (no "
-                            f"{schema.MANIFEST}) nor a weights file ({', '.join(TEACHER_FILES)})")
-        meta = storage.read_json(manifest)
-        state = {"arch": meta["arch"], "weights": _load_weights(storage.join(e.teacher, "model.safetensors")),
-                 "key": e.teacher, "test_acc": meta.get("test_acc")}
-    try:
-        _teacher_model(state, cfg.data.channels, len(classes), res)
-    except (RuntimeError, KeyError, ValueError) as err:
-        first = str(err).strip().splitlines()[0][:200]
-        raise DataError(f"evaluate.teacher: {e.teacher} is not a {state['arch']} classifier of the data's "
-                        f"{len(classes)} classes at {res} px ({first})") from None
-    return state
-
-
-def teacher_cache(cfg: Config, res: int) -> str:
-    """Where a teacher trained for ``cfg`` is cached, keyed by what it learns from: architecture,
-    resolution, epochs and the data."""
-    e = cfg.evaluate
-    return storage.join(cfg.output, "teacher", f"{e.teacher_arch.replace(':', '_')}-{res}px-{e.teacher_epochs}ep-"
-                                               f"{cfg.fingerprint('data')[:8]}")
-
-
-def teacher_state(cfg: Config, test: tuple[np.ndarray, np.ndarray], res: int) -> dict[str, Any]:
-    """``evaluate.teacher``, or one trained on the real train split (cached under <output>/teacher)."""
-    from safetensors.numpy import load as load_tensors
-    from safetensors.numpy import save as save_tensors
-
-    e = cfg.evaluate
-    if e.teacher:
-        return check_teacher(cfg)
-    folder = teacher_cache(cfg, res)
-    weights_uri = storage.join(folder, "model.safetensors")
-    if storage.exists(storage.join(folder, schema.MANIFEST)):
-        meta = storage.read_json(storage.join(folder, schema.MANIFEST))
-        return {"arch": meta["arch"], "weights": load_tensors(storage.read_bytes(weights_uri)), "key": folder,
-                "test_acc": meta.get("test_acc")}
-    import ray
-
-    from mmdist import ray_runtime
-
-    log.info("evaluate: training a %s teacher on the real train split (%d epochs)", e.teacher_arch, e.teacher_epochs)
-    train = datasets.index_split(cfg.data, "train")
-    x, y = datasets.load_images(cfg.data, train.items, "train")
-    cpus = max(1.0, ray_runtime.node_cpus() - 0.25)  # one task: it must fit on one node
-    task = ray.remote(_train_teacher).options(num_cpus=cpus, num_gpus=e.gpus_per_trial, scheduling_strategy="DEFAULT")
-    threads = math.ceil(cpus)  # the only task running: all of the node's cores
-    state, acc = ray.get(task.remote(e.teacher_arch, x, y, test[0], test[1], res, e.teacher_epochs, threads))
-    storage.write_bytes(weights_uri, save_tensors(state))
-    storage.write_json(storage.join(folder, schema.CONFIG), {"config": cfg.to_dict(), "git_sha": artifacts.git_sha()})
-    storage.write_json(storage.join(folder, schema.MANIFEST), {"kind": "teacher", "arch": e.teacher_arch,
-                                                               "test_acc": acc, "resolution": res,
-                                                               "split": e.split})
-    log.info("evaluate: teacher %s accuracy %.2f%%", e.split, acc)
-    return {"arch": e.teacher_arch, "weights": state, "key": folder, "test_acc": acc}
-
-
-def teacher_note(teacher: dict[str, Any] | None) -> str:
-    """Which teacher the diagnostics used (None: every set was diagnosed by an earlier run)."""
-    if teacher is None:
-        return "teacher: as when first diagnosed"
-    acc = f", {teacher['test_acc']:.2f} % on the evaluation split" if teacher.get("test_acc") is not None else ""
-    return f"teacher: {teacher['arch']} ({teacher['key']}{acc})"
-
-
-def _train_teacher(arch: str, x: np.ndarray, y: np.ndarray, tx: np.ndarray, ty: np.ndarray, res: int,
-                        epochs: int, threads: int) -> tuple[dict[str, np.ndarray], float]:
-    """Ray task body: train the teacher and return (weights, test accuracy)."""
-    torch.set_num_threads(threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = classifiers.create(arch, in_channels=x.shape[1], num_classes=int(y.max()) + 1, image_size=res).to(device)
-    def tensor(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.array(a)).to(device)  # Ray hands over read-only arrays
-
-    from ray.experimental.tqdm_ray import tqdm
-
-    bar = tqdm(total=epochs, desc=f"teacher {arch}", unit="epoch")  # the driver draws it, with its ETA
-    acc = protocols.train_teacher(model, protocols.to_float(tensor(x), res), tensor(y),
-                                  protocols.to_float(tensor(tx), res), tensor(ty), epochs=epochs,
-                                  progress=lambda _: bar.update(1))
-    bar.close()
-    return {k: v.detach().cpu().contiguous().numpy() for k, v in model.state_dict().items()}, acc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,7 +258,6 @@ def fingerprint(cfg: Config, upstream: list[dict[str, Any]]) -> str:
     every trial file carries this fingerprint and the rows it belongs to are in its name.
     """
     import hashlib
-    import json
 
     own = {k: v for k, v in to_dict(cfg.evaluate).items() if k != "methods"}
     text = json.dumps({"evaluate": own, "data": to_dict(cfg.data),
@@ -424,16 +290,15 @@ def _diagnose(cfg: Config, teacher: dict[str, Any], data: tuple[np.ndarray, np.n
         items = []
         for k in range(len(train.classes)):
             members = [it for it in train.items if it.label == k]
-            items += [members[i] for i in sorted(rng.permutation(len(members))[:DIAGNOSTIC_REFERENCE])]
+            items += [members[i] for i in sorted(rng.permutation(len(members))[:diagnostics.REFERENCE_PER_CLASS])]
         x, y = datasets.load_images(cfg.data, items, "train")
-        model = _teacher_model(teacher, x.shape[1], len(train.classes), res)
+        model = build_model(teacher, x.shape[1], len(train.classes), res)
         feats, _ = diagnostics.features(model, x, res)
         _REFERENCE = ((cfg.fingerprint("data"), res, teacher["key"]), feats, y, model)
     _, feats, y, model = _REFERENCE
     return diagnostics.diagnose(model, data[0], data[1], (feats, y), res)
 
 
-DIAGNOSTIC_REFERENCE = 500  # real train images per class that the generated sets are compared with
 _REFERENCE = None
 
 
@@ -482,81 +347,3 @@ def _run_grid(cfg: Config, todo: list[dict], sets: dict, test: tuple, classes: t
     _Progress.bar.close()
     if grid.errors:
         raise grid.errors[0]
-
-
-def aggregate(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean ± std (over seeds; numpy's population std) of best and last accuracy per (method, protocol,
-    arch, ipc), in the order the groups first appear."""
-    std = partial(pd.Series.std, ddof=0)
-    groups = pd.DataFrame(trials).groupby(["method", "protocol", "arch", "ipc"], sort=False)
-    table = groups.agg(mean=("best_acc", "mean"), std=("best_acc", std), last_mean=("last_acc", "mean"),
-                       last_std=("last_acc", std), n=("best_acc", "size"))
-    return table.round(2).reset_index().to_dict("records")
-
-
-def markdown(rows: list[dict[str, Any]]) -> str:
-    """The results table (best test accuracy over training, mean ± std over seeds)."""
-    lines = ["| method | protocol | arch | IPC | best acc % | last acc % | n |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ipc = "all" if r["method"] == "full" else r["ipc"]
-        lines.append(f"| {r['method']} | {r['protocol']} | {r['arch']} | {ipc} | {r['mean']:.2f} ± {r['std']:.2f} | "
-                     f"{r['last_mean']:.2f} ± {r['last_std']:.2f} | {r['n']} |")
-    return "\n".join(lines)
-
-
-def diagnostics_markdown(diagnosed: list[dict[str, Any]], note: str) -> str:
-    """The diagnostics table: fidelity (%) and precision / recall / density / coverage."""
-    lines = [f"Distilled-set diagnostics ({note}; k-NN manifolds, k = 5, against "
-             f"{DIAGNOSTIC_REFERENCE} real train images per class):", "",
-             "| method | IPC | fidelity % | precision | recall | density | coverage |", "|---|---|---|---|---|---|---|"]
-    def cell(value: float | None) -> str:
-        return "–" if value is None else f"{value:.3f}"  # None: too few images per class for k-NN balls
-
-    for d in diagnosed:
-        lines.append(f"| {d['method']} | {d['ipc']} | {d['fidelity']:.2f} | "
-                     + " | ".join(cell(d[key]) for key in ("precision", "recall", "density", "coverage")) + " |")
-    return "\n".join(lines)
-
-
-def write_tables(folder: str, rows: list[dict[str, Any]], table: str, diagnosed: list[dict[str, Any]] = ()) -> None:
-    """results.md, results.csv, results.json, diagnostics.json and accuracy.png."""
-    storage.write_bytes(storage.join(folder, "results.md"), (table + "\n").encode())
-    storage.write_json(storage.join(folder, "results.json"), rows)
-    if diagnosed:
-        storage.write_json(storage.join(folder, "diagnostics.json"), list(diagnosed))
-    storage.write_bytes(storage.join(folder, "results.csv"), pd.DataFrame(rows).to_csv(index=False).encode())
-    storage.write_bytes(storage.join(folder, "accuracy.png"), plot(rows))
-
-
-def plot(rows: list[dict[str, Any]]) -> bytes:
-    """PNG: accuracy vs IPC, one panel per architecture, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    archs = sorted({r["arch"] for r in rows})
-    fig, axes = plt.subplots(1, len(archs), figsize=(4.5 * len(archs), 3.5), squeeze=False)
-    for ax, arch in zip(axes[0], archs):
-        for method in sorted({r["method"] for r in rows if r["arch"] == arch}):
-            pts = sorted((r["ipc"], r["mean"], r["std"]) for r in rows if r["arch"] == arch and r["method"] == method)
-            if method == "full":
-                ax.axhline(pts[0][1], ls="--", color="gray", label="full")
-                continue
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", label=method,
-                        capsize=3)
-        ax.set_title(arch)
-        ax.set_xticks(sorted({r["ipc"] for r in rows if r["arch"] == arch and r["method"] != "full"}))  # whole IPCs
-        ax.set_xlabel("images per class")
-        ax.set_ylabel("test accuracy (%)")
-        ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def load_results(folder: str) -> list[dict[str, Any]]:
-    """The aggregated rows of a finished evaluation."""
-    return json.loads(storage.read_bytes(storage.join(folder, "results.json")))

@@ -33,7 +33,7 @@ def main(cfg: Config, stages: tuple[str, ...] | None = None) -> dict[str, Any]:
     cfg.check_stages(todo)
     tracking.mlflow_uri(cfg)  # refuses a missing MLflow, or warns about an unreachable one, before any stage
     if "evaluate" in todo and cfg.evaluate.teacher:
-        from mmdist.evaluate import check_teacher
+        from mmdist.teacher import check_teacher
 
         check_teacher(cfg)  # a teacher that cannot label this data fails now, not after sampling
     results: dict[str, Any] = {}

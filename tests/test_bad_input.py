@@ -194,12 +194,12 @@ def test_evaluate_fingerprint_and_teacher_cache_cover_the_data(tmp_path):
     'complete, skipping', and the cached teacher ignored the data it was trained on."""
     import dataclasses
 
-    from mmdist import artifacts, evaluate
+    from mmdist import artifacts, evaluate, teacher
 
     a = smoke_config(str(tmp_path), evaluate={"methods": ["random"], "protocol": "soft"})
     b = dataclasses.replace(a, data=dataclasses.replace(a.data, max_per_class=40))
     assert evaluate.fingerprint(a, []) != evaluate.fingerprint(b, [])
-    assert evaluate.teacher_cache(a, 16) != evaluate.teacher_cache(b, 16)
+    assert teacher.teacher_cache(a, 16) != teacher.teacher_cache(b, 16)
     distilled = tmp_path / "distilled" / "c"
     distilled.mkdir(parents=True)
     (distilled / "0.png").write_bytes(png(8))

@@ -7,7 +7,7 @@ import torch
 from conftest import fmnist_available, smoke_config
 from helpers import image_folder
 
-from mmdist import evaluate, protocols
+from mmdist import evaluate, protocols, teacher
 from mmdist.errors import ConfigError, DataError
 from mmdist.models import classifiers
 
@@ -103,11 +103,11 @@ def test_grid_runs_trials_concurrently_and_soft_protocol_uses_a_teacher(ray_clus
     assert set(rows) == {"distilled", "random"} and all(r["protocol"] == "soft" for r in rows.values())
     a, b = m["trials"]
     assert a["started"] < b["finished"] and b["started"] < a["finished"], "trials ran one after the other"
-    teacher = os.path.join(evaluate.teacher_cache(cfg, 16), "manifest.json")
-    assert os.path.exists(teacher)
+    manifest = os.path.join(teacher.teacher_cache(cfg, 16), "manifest.json")
+    assert os.path.exists(manifest)
     import json
 
-    assert json.load(open(teacher))["test_acc"] > 75  # T-shirts vs trousers: an easy pair
+    assert json.load(open(manifest))["test_acc"] > 75  # T-shirts vs trousers: an easy pair
 
 
 @needs_fmnist

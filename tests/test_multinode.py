@@ -6,6 +6,7 @@ byte with the same config run on one node; then bad input, credentials and node 
 """
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -64,7 +65,6 @@ def _objects(prefix):
     A model's config.json is hashed without ``_name_or_path``: diffusers records there the folder
     the model was loaded from, which is a node's cache path, not part of the model.
     """
-    import json
 
     import s3fs
 
@@ -300,7 +300,6 @@ def test_losing_a_node_mid_finetune_resumes_from_s3_and_finishes(two_nodes, stor
 
 
 def _registered(fs, path):
-    import json
 
     try:
         return bool(json.loads(fs.cat_file(path)).get("latest_checkpoint_result"))
@@ -408,4 +407,5 @@ def test_imagenet1k_shaped_rehearsal_runs_every_stage_at_1000_classes(two_nodes,
             assert len(m["classes"]) == 1000
         if stage == "evaluate":
             assert m["rows"][0]["protocol"] == "soft" and m["rows"][0]["n"] == 1
+    (tmp_path / "walls.json").write_text(json.dumps(walls))  # for docs/scaling.md: pytest keeps tmp_path
     print("rehearsal wall seconds per stage:", walls)
