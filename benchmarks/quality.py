@@ -47,6 +47,9 @@ CPU = dict(seeds=(0, 1, 2, 3, 4), seeds_50=(0,), epochs={10: 100, 50: 60, "full"
            rows_10=("diffusion", "finetune", "minimax", "minimax+select", "random"), runs=("hard-ipc10",))
 QUICK = dict(seeds=(0,), seeds_50=(0,), epochs={10: 2, 50: 1, "full": 1}, evals=1, teacher_epochs=1,
              finetune_steps=4, sample_steps=4, max_per_class=60)
+PAIRS = (("minimax", "diffusion"), ("minimax", "finetune"), ("finetune", "diffusion"),
+         ("representativeness", "finetune"), ("diversity", "finetune"), ("minimax+select", "minimax"),
+         ("minimax", "random"), ("minimax+select", "random"))
 ANCHORS = {  # ConvNet-3 on Fashion-MNIST, hard labels: the DC and DSA papers (docs/method.md §4)
     "random": {10: 73.8, 50: 82.5}, "DC": {10: 82.3, 50: 83.6}, "DSA": {10: 84.6, 50: 88.7}, "whole data": 93.5}
 
@@ -81,6 +84,26 @@ def linked(cfg: object, root: str, name: str, stages: tuple[str, ...], **section
     return dataclasses.replace(cfg, output=out, **fields)
 
 
+def paired(trials: list[dict], run: str) -> list[dict]:
+    """Per-seed differences of best accuracy between rows that share evaluation seeds (and, for the
+    generated rows, fine-tuning batches and sampler noise): mean, std and how many seeds favour a."""
+    import numpy as np
+
+    acc = {(t["method"], t["arch"], t["ipc"], t["seed"]): t["best_acc"] for t in trials}
+    out = []
+    for a, b in PAIRS:
+        for arch, ipc in sorted({(k[1], k[2]) for k in acc if k[0] == a}):
+            seeds = sorted(k[3] for k in acc if k[:3] == (a, arch, ipc) and (b, arch, ipc, k[3]) in acc)
+            if not seeds:
+                continue
+            diff = np.array([acc[(a, arch, ipc, s)] - acc[(b, arch, ipc, s)] for s in seeds])
+            out.append({"run": run, "a": a, "b": b, "arch": arch, "ipc": ipc, "seeds": seeds,
+                        "a_minus_b": diff.round(2).tolist(), "mean": round(float(diff.mean()), 2),
+                        "std": round(float(diff.std(ddof=1)), 2) if len(diff) > 1 else None,
+                        "a_wins": int((diff > 0).sum())})
+    return out
+
+
 def main() -> None:
     """Fine-tune every variant, sample at IPC 10 and 50, evaluate the grids, write JSON."""
     def cpu_flag(parser):
@@ -109,7 +132,7 @@ def main() -> None:
                                                                   "diagnostics": False}),
     }
     runs = {k: v for k, v in runs.items() if k in p.get("runs", runs)}
-    walls, rows, diagnostics, tables = {}, [], [], []
+    walls, rows, diagnostics, tables, pairs = {}, [], [], [], []
     for name, rcfg in runs.items():
         stages = ("evaluate",) if name == "full" else None
         with common.Stopwatch() as sw:
@@ -118,12 +141,14 @@ def main() -> None:
         result = made["evaluate"]
         rows += [{**r, "epochs": rcfg.evaluate.epochs} for r in result["rows"]]
         diagnostics += [{**d, "protocol": rcfg.evaluate.protocol} for d in result.get("diagnostics", [])]
+        pairs += paired(result["trials"], name)
         tables.append(f"## {name}\n\n{result['table_markdown']}")
         common.log.info("%s: %.0f s\n%s", name, sw.seconds, result["table_markdown"])
     common.stop_ray()
     result = {
         "rows": rows,
         "diagnostics": diagnostics,
+        "paired": pairs,
         "settings": {"epochs": {str(k): v for k, v in p["epochs"].items()}, "seeds": list(p["seeds"]),
                      "seeds_ipc50": list(p["seeds_50"]), "evals": p["evals"],
                      "teacher": f"{cfg.evaluate.teacher_arch}, {p['teacher_epochs']} epochs",
@@ -141,6 +166,10 @@ def main() -> None:
     }
     common.write_json(args.out, common.rnd(result))
     print("\n\n".join(tables))
+    print("\npaired differences (a - b, per seed):")
+    for d in pairs:
+        print(f"  {d['run']} {d['a']} - {d['b']}: {d['mean']:+.2f} ± {d['std']} "
+              f"({d['a_wins']}/{len(d['seeds'])} seeds) {d['a_minus_b']}")
 
 
 if __name__ == "__main__":
