@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 sys.path.insert(0, os.path.join(ROOT, "cluster"))
 
-from local_cluster import AWS_KEYS, LocalCluster  # noqa: E402
+from local_cluster import AWS_KEYS, LocalCluster, free_ports  # noqa: E402,F401  (free_ports: for tests)
 
 WORKER_CPUS = 3  # one 2-CPU training worker per node, and a CPU left for Ray Data's tasks
 CLASSES = ("T-shirt/top", "Trouser")  # the smoke preset's

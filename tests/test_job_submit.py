@@ -7,7 +7,6 @@ session: stopping it is SIGTERM to that process (Ray's own shutdown), then SIGKI
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,19 +14,10 @@ import urllib.request
 
 import pytest
 from conftest import fmnist_available
+from multinode import free_ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
-
-
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _wait_for_dashboard(url, head, deadline):
@@ -59,7 +49,7 @@ def _stop(head):
 
 @pytest.mark.skipif(not fmnist_available(), reason="needs the Debian Fashion-MNIST package")
 def test_submit_smoke(tmp_path, tmp_path_factory):
-    gcs, dash, client_port, agent, agent_grpc, metrics, runtime_env, node_mgr, obj_mgr = _free_ports(9)
+    gcs, dash, client_port, agent, agent_grpc, metrics, runtime_env, node_mgr, obj_mgr = free_ports(9)
     # Unix socket paths under the temp dir must stay under ~107 bytes: a short session folder
     temp_dir = str(tmp_path_factory.mktemp("ray"))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "1",
