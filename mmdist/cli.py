@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None, base: Config | None = None, stages: tupl
         else:
             try:
                 module.main(cfg)
-            except BaseException:
+            except Exception:  # an interrupt ends the process, and a dead holder's lease is taken over
                 from mmdist import artifacts
 
                 artifacts.release_all()  # a refused or failed stage leaves its folder free for the rerun

@@ -44,7 +44,7 @@ def main(cfg: Config, stages: tuple[str, ...] | None = None) -> dict[str, Any]:
         module = importlib.import_module(f"mmdist.{stage}")
         try:
             results[stage] = module.main(cfg)
-        except BaseException:
+        except Exception:  # an interrupt ends the process, and a dead holder's lease is taken over at once
             artifacts.release_all()  # a refused or failed stage leaves its folder free for the rerun
             raise
         manifest = results[stage]

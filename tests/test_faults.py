@@ -41,7 +41,8 @@ STAGES = ("encode", "pretrain", "finetune", "sample", "evaluate")
 def _work_files(out):
     """mtime of every unit of finished work a rerun must reuse: manifests, shards, checkpoints,
     class markers and images, trial results."""
-    patterns = ["*/manifest.json", "latents/shards/*.parquet", "*/ray/*/checkpoint_*/state.safetensors",
+    patterns = ["*/manifest.json", "finetune/*/manifest.json", "latents/shards/*.parquet",
+                "*/ray/*/checkpoint_*/state.safetensors", "finetune/*/ray/*/checkpoint_*/state.safetensors",
                 "samples/*/classes/*.json", "eval/trials/*.json"]
     files = [p for pat in patterns for p in glob.glob(os.path.join(out, pat))]
     for marker in glob.glob(os.path.join(out, "samples", "*", "classes", "*.json")):  # published classes
@@ -318,14 +319,16 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(smoke_run, t
         shutil.copytree(os.path.join(cfg.output, stage), root / stage, ignore=shutil.ignore_patterns("ray"))
     cfg = dataclasses.replace(cfg, output=str(root), finetune=dataclasses.replace(
         cfg.finetune, steps=4, checkpoint_every=2, log_every=2))
-    assert finetune.main(cfg)["steps"] == 4
-    ckpts = sorted(p for p in glob.glob(str(root / "finetune" / "ray" / "*" / "checkpoint_*")) if os.path.isdir(p))
+    assert finetune.main(cfg)["variants"]["minimax"]["steps"] == 4
+    variant = root / "finetune" / "minimax"
+    ckpts = sorted(p for p in glob.glob(str(variant / "ray" / "*" / "checkpoint_*")) if os.path.isdir(p))
     assert len(ckpts) == 2, ckpts
     state = os.path.join(ckpts[-1], "state.safetensors")  # the step-4 checkpoint: truncated
     with open(state, "r+b") as f:
         f.truncate(os.path.getsize(state) // 2)
-    for name in ("manifest.json", "model", "model_ema"):  # as if the run died before exporting
-        path = root / "finetune" / name
+    for path in (root / "finetune" / "manifest.json", variant / "manifest.json", variant / "model",
+                 variant / "model_ema"):  # as if the run died before exporting
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    manifest = finetune.main(cfg)  # used to fail on every restart: the same corrupt checkpoint each time
+    finetune.main(cfg)  # used to fail on every restart: the same corrupt checkpoint each time
+    manifest = json.load(open(variant / "manifest.json"))
     assert manifest["steps"] == 4 and manifest["resumed_at"] == [2], manifest["resumed_at"]
