@@ -84,7 +84,8 @@ def _artifact_bytes(objects):
     """The files whose bytes depend only on the config: no manifests, run records or timings."""
     def kept(rel):
         parts = rel.split("/")
-        if parts[-1] in ("manifest.json", "history.json", ".") or {"ray", "tune", "trials", "classes"} & set(parts):
+        if parts[-1] in ("manifest.json", "history.json", ".") or \
+                {"ray", "tune", "trials", "classes", "tensorboard"} & set(parts):  # run records: times, hosts
             return False
         # The diagnostics' teacher trains with every core of the node it lands on, and float sums
         # follow the thread count: its weights, and the diagnostics they score, are per machine.
