@@ -209,28 +209,40 @@ def elastic_map(actors: list, submit: Callable[[Any, Any], Any], items: list) ->
 
     All actors are requested at once (pending actors are the demand an autoscaler scales on), but
     work goes only to started ones, so a pool larger than the cluster ever holds still finishes.
-    Actors that never started are the caller's to kill, which withdraws their demand.
+    An item whose actor was lost mid-task (its node died, or it is restarting elsewhere and Ray's
+    own task retries ran out first) goes back in the queue; the actor rejoins once it has started
+    again, or never if it is dead for good. Actors that never started are the caller's to kill,
+    which withdraws their demand.
     """
-    from ray.util import ActorPool
-
     starting = {a.__ray_ready__.remote(): a for a in actors}
-    pool, queue = ActorPool([]), list(items)
-    while queue or pool.has_next():
-        ready, _ = ray.wait(list(starting), num_returns=len(starting), timeout=0) if starting else ([], [])
-        for ref in ready:
-            actor = starting.pop(ref)
-            try:
-                ray.get(ref)
-                pool.push(actor)
-            except ray.exceptions.RayActorError:  # it could not start (its node died): the others carry on
-                pass
-        while queue and pool.has_free():
-            pool.submit(submit, queue.pop(0))
-        if pool.has_next():
-            try:
-                yield pool.get_next_unordered(timeout=1.0)
-            except TimeoutError:
-                pass
+    idle: list = []
+    running: dict = {}  # task ref -> (actor, item)
+    queue = list(items)
+    while queue or running:
+        if starting:
+            ready, _ = ray.wait(list(starting), num_returns=len(starting), timeout=0)
+            for ref in ready:
+                actor = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                    idle.append(actor)
+                except ray.exceptions.RayActorError:  # it could not start (its node died): the others carry on
+                    pass
+        while queue and idle:
+            actor, item = idle.pop(), queue.pop(0)
+            running[submit(actor, item)] = (actor, item)
+        if running:
+            done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            for ref in done:
+                actor, item = running.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    queue.insert(0, item)
+                    starting[actor.__ray_ready__.remote()] = actor
+                    continue
+                idle.append(actor)
+                yield result
         elif starting:
             ray.wait(list(starting), num_returns=1, timeout=1.0)
         else:

@@ -79,3 +79,29 @@ def test_a_pool_larger_than_the_cluster_still_finishes(ray_cluster):
             ray.kill(a)
     assert sorted(r for r, _ in results) == [x * x for x in range(10)]
     assert len({actor for _, actor in results}) <= 2  # only the actors that fit did any work
+
+
+def test_an_item_whose_actor_died_mid_task_is_done_again(ray_cluster, tmp_path):
+    """Ray retries no task here (max_task_retries=0), as when its own retries ran out while the
+    actor was restarting on another node: the item goes back in the queue and the restarted actor
+    does it."""
+    import ray
+
+    flag = str(tmp_path / "died-once")
+
+    @ray.remote(num_cpus=0.25, max_restarts=1, max_task_retries=0)
+    class Fragile:
+        def run(self, x):
+            if x == 3 and not os.path.exists(flag):
+                open(flag, "w").close()
+                os._exit(1)  # the process goes, as with a lost node
+            return x * x
+
+    actors = [Fragile.options(scheduling_strategy="DEFAULT").remote()]
+    try:
+        results = list(ray_runtime.elastic_map(actors, lambda a, x: a.run.remote(x), list(range(6))))
+    finally:
+        for a in actors:
+            ray.kill(a)
+    assert os.path.exists(flag)  # the actor did die mid-task
+    assert sorted(results) == [x * x for x in range(6)]
