@@ -36,7 +36,8 @@ def test_encode_to_s3_and_finetune_from_it(ray_cluster, bucket, tmp_path):
     assert [s.split("/")[0] for s in back[schema.SOURCE_ID]] == list(back[schema.CLASS_NAME])
 
     tuned = finetune.main(cfg)
-    assert tuned["steps"] == 3 and tuned["latents"] == f"{bucket}/run/latents"
+    assert tuned["variants"]["minimax"]["steps"] == 3
+    assert storage.read_json(f"{bucket}/run/finetune/minimax/{schema.MANIFEST}")["latents"] == f"{bucket}/run/latents"
     assert storage.exists(f"{bucket}/run/finetune/minimax/model_ema/config.json")
     assert storage.listdir(f"{bucket}/run/finetune/minimax/ray")  # Ray Train checkpoints went to S3 too
     model = diffusion.load_dit(local_folder(f"{bucket}/run/finetune/minimax/model_ema"))
