@@ -367,7 +367,7 @@ def fit(cfg: Config, stage: str, fp: str, folder: str | None = None) -> dict[str
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(execution_options=_ordered()),
     )
-    result = trainer.fit()
+    result = ray_runtime.off_main_thread(trainer.fit)
     wall = time.time() - start
     if result.checkpoint is None:
         raise ArtifactError(f"{stage}: training ended without a checkpoint ({result.error})")

@@ -343,7 +343,7 @@ def _run_grid(cfg: Config, todo: list[dict], sets: dict, test: tuple, classes: t
     )
     _Progress.bar = tqdm(total=len(todo), desc="evaluate trials", unit="trial")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new console prints a banner whatever `verbose` says
-    grid = tuner.fit()
+    grid = ray_runtime.off_main_thread(tuner.fit)
     _Progress.bar.close()
     if grid.errors:
         raise grid.errors[0]

@@ -20,9 +20,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 
@@ -247,6 +248,36 @@ def elastic_map(actors: list, submit: Callable[[Any, Any], Any], items: list) ->
             ray.wait(list(starting), num_returns=1, timeout=1.0)
         else:
             raise RuntimeError("no actor of the pool could start")
+
+
+T = TypeVar("T")
+
+
+def off_main_thread(fit: Callable[[], T]) -> T:
+    """``fit()`` (a Ray Train trainer's or a Tune tuner's) run on a daemon thread while the main
+    thread waits, so that Ctrl-C stays the KeyboardInterrupt every stage raises.
+
+    Called on the main thread, both install a SIGINT handler of their own and never put ours back:
+    Ray Train's aborts the run and ends the process (status 0 or 1, Ray's traceback), Tune's stops
+    the experiment and returns what finished, and a Ctrl-C later in the same process (in sampling,
+    after a fine-tune) was ignored. Off the main thread they install none. The run's actors are
+    owned by this process and end with it.
+    """
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fit()
+        except BaseException as e:  # handed to the main thread, which raises it
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, name="ray-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def worker_cpus(configured: float | None, workers: int) -> float:
