@@ -51,9 +51,9 @@ class ShardEncoder:
         cfg = self.cfg
         items = [datasets.Item(*row) for row in raw_items]
         images, kept, skipped = [], [], []
-        for it in items:
+        for it, data in zip(items, datasets.read_files(cfg.data, items)):
             try:
-                images.append(datasets.load_item(cfg.data, it).transpose(2, 0, 1))
+                images.append(datasets.load_item(cfg.data, it, data=data).transpose(2, 0, 1))
                 kept.append(it)
             except DataError as e:
                 skipped.append({"source_id": it.source_id, "class": it.class_name, "reason": str(e)})

@@ -21,6 +21,7 @@ its marker (written after its PNGs, Parquet and grid); the variant's manifest af
 from __future__ import annotations
 
 import io
+import json
 import logging
 import time
 from typing import Any
@@ -300,12 +301,17 @@ def _sample_variant(cfg: Config, variant: str, model: tuple[str, str | None], fo
     if storage.exists(prior) and storage.read_json(prior).get("fingerprint") == vfp:
         return storage.read_json(prior), 0.0
     markers = {}
-    for lab in labels:
-        uri = storage.join(folder, "classes", f"{storage.safe_name(latents['classes'][lab])}.json")
-        if storage.exists(uri):
-            m = storage.read_json(uri)
-            if m.get("fingerprint") == vfp and m.get("count") == cfg.sample.ipc:
-                markers[lab] = m
+    # one listing and concurrent reads, not a request per class: 1000 classes on object storage
+    listed = set(storage.listdir(storage.join(folder, "classes")))
+    names = {lab: f"{storage.safe_name(latents['classes'][lab])}.json" for lab in labels}
+    present = [lab for lab in labels if names[lab] in listed]
+    for lab, data in zip(present, storage.read_many([storage.join(folder, "classes", names[lab]) for lab in present])):
+        try:
+            m = json.loads(data)
+        except (TypeError, ValueError):  # unreadable or damaged: the class is sampled again
+            continue
+        if m.get("fingerprint") == vfp and m.get("count") == cfg.sample.ipc:
+            markers[lab] = m
     todo = [lab for lab in labels if lab not in markers]
     start = time.time()
     n_actors = 0
@@ -332,11 +338,15 @@ def _sample_variant(cfg: Config, variant: str, model: tuple[str, str | None], fo
                 ray.kill(a)
     seconds = (time.time() - start) * n_actors * cfg.sample.num_gpus_per_actor
     rows = []
-    for lab in labels:
-        m = markers[lab]
-        imgs = [decode_png(storage.read_bytes(storage.join(folder, "images", m["folder"], f"{k:05d}.png")))
-                for k in range(min(cfg.sample.ipc, 10))]
-        rows.append((m["class"], imgs))
+    shown = min(cfg.sample.ipc, 10)
+    files = storage.read_many([storage.join(folder, "images", markers[lab]["folder"], f"{k:05d}.png")
+                               for lab in labels for k in range(shown)])
+    for i, lab in enumerate(labels):
+        blobs = files[i * shown: (i + 1) * shown]
+        for blob in blobs:
+            if isinstance(blob, Exception):
+                raise blob
+        rows.append((markers[lab]["class"], [decode_png(b) for b in blobs]))
     buf = io.BytesIO()
     labelled_grid(rows).save(buf, format="PNG")
     storage.write_bytes(storage.join(folder, "grid.png"), buf.getvalue())

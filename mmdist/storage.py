@@ -21,6 +21,7 @@ import unicodedata
 import urllib.parse
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import fsspec
@@ -140,6 +141,26 @@ def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     with _storage_errors(uri):
         return fs.cat_file(path)
+
+
+def read_many(uris: list[str], threads: int = 16) -> list[bytes | Exception]:
+    """Read many whole files, in order; a file that cannot be read gives its error in its place
+    (the caller knows which item it was and names it).
+
+    On object storage ``threads`` GETs are in flight at once: each takes tens of milliseconds, so
+    one at a time the 50,000 images of an ImageNet-1K set at IPC 50 take the better part of an
+    hour to read. A local disk is read one file at a time.
+    """
+    def one(uri: str) -> bytes | Exception:
+        try:
+            return read_bytes(uri)
+        except (OSError, ArtifactError) as e:
+            return e
+
+    if len(uris) < 2 or not is_remote(uris[0]):
+        return [one(u) for u in uris]
+    with ThreadPoolExecutor(min(threads, len(uris))) as pool:
+        return list(pool.map(one, uris))
 
 
 @contextlib.contextmanager

@@ -75,6 +75,39 @@ def test_s3_round_trip(bucket):
     assert not storage.exists(uri)
 
 
+def test_read_many_keeps_the_order_and_puts_each_error_in_its_place(bucket, tmp_path):
+    for root in (bucket, str(tmp_path)):
+        uris = [f"{root}/many/{i:03d}.bin" for i in range(40)]
+        for i, uri in enumerate(uris):
+            if i != 7:
+                storage.write_bytes(uri, f"file {i}".encode())
+        got = storage.read_many(uris)
+        assert [g for i, g in enumerate(got) if i != 7] == [f"file {i}".encode() for i in range(40) if i != 7]
+        assert isinstance(got[7], FileNotFoundError), (root, got[7])
+
+
+def test_an_unreadable_file_of_an_s3_image_folder_is_named(bucket, tmp_path):
+    from helpers import image_folder
+
+    from mmdist import datasets
+    from mmdist.config import DataConfig
+    from mmdist.errors import DataError
+
+    local = image_folder(str(tmp_path / "train"), {"cat": 3, "dog": 3}, size=8)
+    for dirpath, _, files in os.walk(local):
+        for f in files:
+            rel = os.path.relpath(os.path.join(dirpath, f), local)
+            storage.write_bytes(f"{bucket}/folder/{rel}", open(os.path.join(dirpath, f), "rb").read())
+    cfg = DataConfig(source="imagefolder", train=f"{bucket}/folder", test=f"{bucket}/folder", classes=None,
+                     channels=1, image_size=8, max_per_class=None)
+    items = datasets.index_split(cfg, "train").items
+    x, y = datasets.load_images(cfg, items)
+    assert x.shape == (6, 1, 8, 8) and sorted(y.tolist()) == [0, 0, 0, 1, 1, 1]
+    storage.remove(items[4].uri)  # gone between listing and reading
+    with pytest.raises(DataError, match=f"{items[4].source_id}: cannot read file"):
+        datasets.load_images(cfg, items)
+
+
 def test_unreachable_s3_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
