@@ -15,6 +15,7 @@ replaced), so nothing is lost silently. A stage that runs holds a lease on its f
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import logging
@@ -24,6 +25,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from mmdist import schema, storage
@@ -178,6 +180,20 @@ def release_all() -> None:
         uris = list(_HELD)
     for uri in uris:
         release(uri.removesuffix(".lease"))
+
+
+@contextlib.contextmanager
+def leases_back_on_failure() -> Iterator[None]:
+    """Around a stage: if it fails or is refused, its leases go back at once (``release_all``).
+
+    An interrupt is let through untouched: the process ends, and a dead holder's lease is taken
+    over by the next run at once.
+    """
+    try:
+        yield
+    except Exception:
+        release_all()
+        raise
 
 
 def _renew(uri: str, mine: dict[str, Any], stop: threading.Event) -> None:

@@ -132,13 +132,10 @@ def main(argv: list[str] | None = None, base: Config | None = None, stages: tupl
         if args.command == "run":
             module.main(cfg, stages=stages)
         else:
-            try:
-                module.main(cfg)
-            except Exception:  # an interrupt ends the process, and a dead holder's lease is taken over
-                from mmdist import artifacts
+            from mmdist import artifacts
 
-                artifacts.release_all()  # a refused or failed stage leaves its folder free for the rerun
-                raise
+            with artifacts.leases_back_on_failure():
+                module.main(cfg)
         return 0
     except KeyboardInterrupt:
         print("mmdist: interrupted; finished shards, checkpoints and classes are kept — rerun to resume",

@@ -42,11 +42,8 @@ def main(cfg: Config, stages: tuple[str, ...] | None = None) -> dict[str, Any]:
         start = time.time()
         log.info("stage %s: start", stage)
         module = importlib.import_module(f"mmdist.{stage}")
-        try:
+        with artifacts.leases_back_on_failure():
             results[stage] = module.main(cfg)
-        except Exception:  # an interrupt ends the process, and a dead holder's lease is taken over at once
-            artifacts.release_all()  # a refused or failed stage leaves its folder free for the rerun
-            raise
         manifest = results[stage]
         summary.append((stage, time.time() - start, manifest.get("wall_seconds", 0.0),
                         manifest.get("accelerator_seconds", 0.0)))

@@ -111,14 +111,20 @@ def pipeline(two_nodes, store):
     return {"logs": logs, "job_id": job_hex_id(two_nodes, "pipeline"), "output": f"{bucket}/two-nodes"}
 
 
-def test_two_node_pipeline_is_byte_identical_to_the_single_node_run(ray_cluster, store, pipeline):
+@pytest.fixture(scope="module")
+def one_node(ray_cluster, store):
+    """The same config run on the session's one-node cluster; the node-loss tests start from its
+    latents and models (what they test is what happens after them)."""
     from mmdist import run
 
     bucket, train, test = store
-    cfg = smoke_config(f"{bucket}/one-node", data={"source": "parquet", "train": train, "test": test},
-                       finetune={"num_workers": 2})
-    run.main(cfg)  # the session's one-node cluster
-    two, one = _objects(pipeline["output"]), _objects(f"{bucket}/one-node")
+    run.main(smoke_config(f"{bucket}/one-node", data={"source": "parquet", "train": train, "test": test},
+                          finetune={"num_workers": 2}))
+    return f"{bucket}/one-node"
+
+
+def test_two_node_pipeline_is_byte_identical_to_the_single_node_run(store, pipeline, one_node):
+    two, one = _objects(pipeline["output"]), _objects(one_node)
     for stage in ("latents", "pretrain", "finetune", "samples", "eval"):
         assert f"{stage}/manifest.json" in two, f"{stage} was not published"
     kept = _artifact_bytes(two)
@@ -225,18 +231,6 @@ def test_aws_keys_of_a_joining_driver_reach_no_runtime_env_and_no_log(two_nodes,
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def upstream(ray_cluster, store):
-    """Latents, a pretrained and a fine-tuned model on S3 for the node-loss tests (made on one node:
-    what is tested is what happens after them)."""
-    from mmdist import run
-
-    bucket, train, test = store
-    run.main(smoke_config(f"{bucket}/upstream", data={"source": "parquet", "train": train, "test": test}),
-             stages=("encode", "pretrain", "finetune"))
-    return f"{bucket}/upstream"
-
-
 def _node_of(two_nodes, class_name):
     """The worker node hosting a live actor of ``class_name`` (None if none is alive yet)."""
     from ray.util.state import list_actors, list_nodes
@@ -270,13 +264,13 @@ def _driver(two_nodes, stage, output, args):
 
 
 @pytest.mark.fault
-def test_losing_a_node_mid_finetune_resumes_from_s3_and_finishes(two_nodes, store, upstream):
+def test_losing_a_node_mid_finetune_resumes_from_s3_and_finishes(two_nodes, store, one_node):
     import s3fs
 
     bucket, train, test = store
     out = f"{bucket}/node-loss-ft"
     for stage in ("latents", "pretrain"):
-        _copy(f"{upstream}/{stage}", f"{out}/{stage}")
+        _copy(f"{one_node}/{stage}", f"{out}/{stage}")
     args = [*_data_args(train, test), "finetune.num_workers=2", "finetune.steps=60", "finetune.checkpoint_every=10",
             "finetune.log_every=10"]
     proc = _driver(two_nodes, "finetune", out, args)
@@ -309,18 +303,20 @@ def _registered(fs, path):
 
 
 @pytest.mark.fault
-def test_losing_a_node_mid_sampling_redoes_its_classes_byte_identically(ray_cluster, two_nodes, store, upstream):
+def test_losing_a_node_mid_sampling_redoes_its_classes_byte_identically(ray_cluster, two_nodes, store, one_node):
     from mmdist import sample
 
     bucket, train, test = store
-    fields = ["sample.ipc=8", "sample.steps=60", "sample.batch_size=1", "sample.baseline=false"]
+    fields = ["sample.ipc=8", "sample.steps=60", "sample.batch_size=1", "sample.baseline=false",
+              "finetune.num_workers=2"]  # the config that made the models copied
     reference = f"{bucket}/sampling-one-node"
     out = f"{bucket}/node-loss-sample"
     for dst in (reference, out):
         for stage in ("latents", "pretrain", "finetune"):
-            _copy(f"{upstream}/{stage}", f"{dst}/{stage}")
+            _copy(f"{one_node}/{stage}", f"{dst}/{stage}")
     sample.main(smoke_config(reference, data={"source": "parquet", "train": train, "test": test},
-                             sample={"ipc": 8, "steps": 60, "batch_size": 1, "baseline": False}))
+                             sample={"ipc": 8, "steps": 60, "batch_size": 1, "baseline": False},
+                             finetune={"num_workers": 2}))
     proc = _driver(two_nodes, "sample", out, [*_data_args(train, test), *fields])
     import s3fs
 
