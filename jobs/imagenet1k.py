@@ -1,11 +1,20 @@
-"""ImageNet-1K, IPC 50: all 1000 classes in ONE multi-node fine-tune (docs/scaling.md has the arithmetic).
+"""ImageNet-1K, IPC 50, by either of two routes (docs/scaling.md, "Two routes to ImageNet-1K").
+
+**One run** (this config as it is): all 1000 classes in ONE multi-node fine-tune, 16 GPU workers at
+global batch 512, memories of all 1000 classes all-gathered every step:
 
     ray job submit --working-dir . -- python -m jobs.imagenet1k \
         data.train=s3://my-bucket/imagenet/train data.test=s3://my-bucket/imagenet/val \
         output=s3://my-bucket/mmdist/imagenet1k evaluate.teacher=s3://my-bucket/mmdist/teacher-r18
 
-The official route fine-tunes ~50 separate 20-class phases at batch 8 on one GPU each (docs/method.md
-§1.11). Here one run sees about the same number of images (50 x 12k x 8 = 4.8 M vs 10k x 512 = 5.1 M).
+**The official route** (the paper's code, docs/method.md §1.11): 50 phases of 20 classes, each its own
+model fine-tuned at batch 8 on one GPU, as many phases at once as the cluster holds, each class
+sampled from its phase's model; a rerun trains only the phases not yet published. Add:
+
+        finetune.class_phases=20 finetune.num_workers=1 finetune.global_batch_size=8 finetune.steps=12000
+
+Both see about the same number of images (10k x 512 = 5.1 M vs 50 x 12k x 8 = 4.8 M). Neither has
+been run at ImageNet scale here (no GPU).
 """
 
 from dataclasses import replace

@@ -219,6 +219,11 @@ class FinetuneConfig(TrainConfig):
     )
     minimax: MinimaxConfig = opt(MinimaxConfig(), "the minimax losses")
     class_dropout: float = opt(0.1, "label dropout kept on during fine-tuning (docs/method.md §1.4)", ge=0, lt=1)
+    class_phases: int = opt(
+        0, "0 fine-tunes one model on every class; K > 0 splits the classes (in label order) into phases of K, "
+        "each its own model and Ray Train run of `steps` steps on only its classes, run side by side as the "
+        "cluster allows: the paper's route to ImageNet-1K (K=20; docs/method.md §1.11). K >= the class count "
+        "is one phase", ge=0)
     _section = "finetune"
 
     def variant(self, method: str) -> FinetuneConfig:

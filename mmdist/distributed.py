@@ -309,9 +309,11 @@ def _report_checkpoint(state: training.TrainState, rank: int, stage: str) -> Non
 # ----------------------------------------------------------------------------------------------
 
 
-def fit(cfg: Config, stage: str, fp: str, folder: str | None = None) -> dict[str, Any]:
+def fit(cfg: Config, stage: str, fp: str, folder: str | None = None, labels: list[int] | None = None
+        ) -> dict[str, Any]:
     """Train on the latent shards with Ray Train and export the model to ``folder`` (default: the
-    stage's folder); returns manifest fields."""
+    stage's folder); returns manifest fields. ``labels``: train on only these classes (a phase of
+    ``finetune.class_phases``, mmdist.phases), as if the data set held nothing else."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -346,6 +348,10 @@ def fit(cfg: Config, stage: str, fp: str, folder: str | None = None) -> dict[str
     # seeded file shuffle + preserved order: the same config gives the same batches (determinism)
     dataset = ray.data.read_parquet(paths, filesystem=fs, columns=columns, num_cpus=0.25,
                                     shuffle=ray.data.FileShuffleConfig(seed=derive_seed(tcfg.seed, stage, "files")))
+    if labels is not None:
+        from mmdist import phases
+
+        dataset, latents = phases.rows_of(dataset, labels), phases.view(latents, labels)
     storage_path = storage.join(folder, "ray")
     if not storage.is_remote(storage_path):
         storage_path = os.path.abspath(storage_path)

@@ -10,7 +10,9 @@ weights: ``finetune`` (both weights 0: what fine-tuning alone does), ``represent
     <output>/finetune/<method>/model/       the raw weights; ray/ (checkpoints); manifest.json
     <output>/finetune/manifest.json         the stage: every variant's fingerprint
 
-Each variant is its own artifact: adding a row later trains only the new variant.
+Each variant is its own artifact: adding a row later trains only the new variant. With
+``finetune.class_phases=K`` each variant is instead K-class phase models under
+finetune/<method>/phases/<p>/, each its own artifact and Ray Train run (mmdist.phases).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import dataclasses
 import logging
 from typing import Any
 
-from mmdist import artifacts, distributed, storage
+from mmdist import artifacts, distributed, phases, storage
 from mmdist.config import FINETUNED_METHODS, Config, base_method
 
 log = logging.getLogger("mmdist")
@@ -84,6 +86,8 @@ def main(cfg: Config) -> dict[str, Any]:
         manifest = artifacts.existing(vfolder, "finetune", vfp, vcfg, cfg.overwrite)
         if manifest:
             log.info("finetune %s: %s is complete, skipping", method, vfolder)
+        elif vcfg.finetune.class_phases:
+            manifest = phases.fit_variant(vcfg, method, vfolder, vfp, latents)
         else:
             log.info("finetune %s: lambda_rep=%g lambda_div=%g, %d steps", method,
                      vcfg.finetune.minimax.lambda_rep, vcfg.finetune.minimax.lambda_div, vcfg.finetune.steps)

@@ -187,12 +187,12 @@ def actor_pool(configured: int, items: int, gpus_each: float) -> tuple[int, int,
     elif autoscaler() is not None:
         lo, hi = 1, items
     else:
-        lo, hi = 1, max(1, min(items, _capacity(1.0, gpus_each)))
+        lo, hi = 1, max(1, min(items, capacity(1.0, gpus_each)))
     cpus = share(laptop, hi, reserve=0.25) if laptop is not None else 1.0
     return lo, hi, cpus
 
 
-def _capacity(cpus_each: float, gpus_each: float) -> int:
+def capacity(cpus_each: float, gpus_each: float) -> int:
     """How many actors of this shape the live nodes hold when idle."""
     total = 0
     for n in _alive_nodes():

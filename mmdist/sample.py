@@ -36,13 +36,14 @@ from mmdist.errors import ArtifactError, ConfigError
 from mmdist.seeding import derive_seed
 
 log = logging.getLogger("mmdist")
+ModelRef = tuple[str, str | None]  # a model as every node names it: URI, hub id or 'embedded'; subfolder
 
 
 class ClassSampler:
-    """Ray actor: holds one DiT and the decoder; ``sample_class`` writes one class."""
+    """Ray actor: holds a DiT and the decoder; ``sample_class`` writes one class."""
 
-    def __init__(self, config: dict[str, Any], model: tuple[str, str | None], folder: str, latents: dict[str, Any],
-                 threads: int, fingerprint: str, center: np.ndarray | None = None):
+    def __init__(self, config: dict[str, Any], model: ModelRef | dict[int, ModelRef], folder: str,
+                 latents: dict[str, Any], threads: int, fingerprint: str, center: np.ndarray | None = None):
         from mmdist.distributed import resolve
         from mmdist.models import diffusion
 
@@ -51,8 +52,12 @@ class ClassSampler:
         self.device = torch.device("cuda" if torch.cuda.is_available() and self.cfg.sample.num_gpus_per_actor > 0
                                    else "cpu")
         # ``model`` names the DiT as every node can (output URI, hub id, 'embedded'): this node
-        # loads or copies it itself, the driver's disk is never read
-        self.model = diffusion.load_dit(*resolve(*model)).eval().to(self.device)
+        # loads or copies it itself, the driver's disk is never read. A variant fine-tuned in class
+        # phases gives each class its phase's model: loaded when a class needs it, and kept, so the
+        # classes of a phase (consecutive labels, handed out in order) reuse it
+        self.models = model if isinstance(model, dict) else {}
+        self.ref = None if self.models else model
+        self.model = None if self.models else diffusion.load_dit(*resolve(*model)).eval().to(self.device)
         decoder = self.cfg.sample.decoder or self.cfg.encode.encoder
         subfolder = None if self.cfg.sample.decoder else self.cfg.encode.encoder_subfolder
         if decoder != "identity":
@@ -61,13 +66,24 @@ class ClassSampler:
         self.folder, self.latents, self.fingerprint = folder, latents, fingerprint
         self.center = None if center is None else torch.from_numpy(np.array(center))
 
+    def _model_for(self, label: int) -> torch.nn.Module:
+        """The DiT that samples class ``label`` (its phase's, loaded if it is not the one held)."""
+        from mmdist.distributed import resolve
+        from mmdist.models import diffusion
+
+        ref = self.models.get(label, self.ref)
+        if ref != self.ref:
+            self.model = None  # the last phase's weights go before the next are loaded (GPU memory)
+            self.model, self.ref = diffusion.load_dit(*resolve(*ref)).eval().to(self.device), ref
+        return self.model
+
     def _latents(self, label: int, ks: range) -> torch.Tensor:
         """Scaled latents of images ``ks`` of class ``label`` (each from its own seeded noise)."""
         from mmdist.models.sampler import sample_latents
 
         s = self.cfg.sample
         gens = [torch.Generator().manual_seed(derive_seed(s.seed, "sample", label, k)) for k in ks]
-        return sample_latents(self.model, class_ids=[self.latents["model_class_ids"][label]] * len(gens),
+        return sample_latents(self._model_for(label), class_ids=[self.latents["model_class_ids"][label]] * len(gens),
                               generators=gens, latent_shape=tuple(self.latents["latent_shape"]),
                               scheduler=s.scheduler, steps=s.steps, guidance_scale=s.guidance_scale,
                               guidance_channels=s.guidance_channels, autocast=s.mixed_precision)
@@ -109,6 +125,7 @@ class ClassSampler:
                             png_bytes(grid([decode_png(p) for p in pngs[:64]], cols=8)))
         marker = {"class": name, "label": label, "folder": safe, "count": len(pngs),
                   "fingerprint": self.fingerprint, "seconds": round(time.time() - start, 2),
+                  **({"model": self.ref[0]} if self.models else {}),
                   **({} if selected is None else {"candidates": n, "selected": selected})}
         storage.write_json(storage.join(self.folder, "classes", f"{safe}.json"), marker)
         return marker
@@ -186,20 +203,24 @@ def variant_names(cfg: Config) -> list[str]:
     return list(dict.fromkeys(wanted))
 
 
-def variants(cfg: Config) -> dict[str, tuple[str, str | None]]:
+def variants(cfg: Config) -> dict[str, ModelRef | dict[int, ModelRef]]:
     """Variant name -> (model, subfolder) as any node names it: a fine-tuned variant's output URI, or
-    the backbone ('embedded', the pretrain output, a hub id or a URI). Never a path on the driver."""
+    the backbone ('embedded', the pretrain output, a hub id or a URI). Never a path on the driver.
+    A variant fine-tuned in class phases maps each label to its phase's model instead."""
     from mmdist.distributed import backbone_ref
     from mmdist.finetune import variant_dir
+    from mmdist.phases import class_models
 
     out = {}
     for name in variant_names(cfg):
         base = base_method(name)
         if base == "diffusion":
             out[name] = backbone_ref(cfg)
-        else:
-            weights = "model_ema" if cfg.sample.use_ema else "model"
-            out[name] = (storage.join(variant_dir(cfg, base), weights), None)
+            continue
+        weights = "model_ema" if cfg.sample.use_ema else "model"
+        folder = variant_dir(cfg, base)
+        phased = class_models(folder, storage.read_json(storage.join(folder, schema.MANIFEST)), weights)
+        out[name] = phased or (storage.join(folder, weights), None)
     return out
 
 
@@ -216,8 +237,6 @@ def selected_labels(cfg: Config, latents: dict[str, Any]) -> list[int]:
 
 def main(cfg: Config) -> dict[str, Any]:
     """Sample every variant; skip finished classes and finished variants."""
-    from mmdist.distributed import model_config
-
     latents = artifacts.require(artifacts.stage_dir(cfg, "encode"), "encode")
     tuned = artifacts.require(artifacts.stage_dir(cfg, "finetune"), "finetune")
     stage_folder = artifacts.stage_dir(cfg, "sample")
@@ -234,16 +253,8 @@ def main(cfg: Config) -> dict[str, Any]:
     for variant, model in variants(cfg).items():
         if variant in results:
             continue
-        conf = model_config(*model)
-        model_dir = model[0]
-        needed = max(latents["model_class_ids"]) + 1
-        if conf["num_embeds_ada_norm"] < needed:
-            raise ArtifactError(f"{variant} model at {model_dir} has {conf['num_embeds_ada_norm']} classes; "
-                                f"the data set needs class ids up to {needed - 1}")
-        shape = [conf["in_channels"], conf["sample_size"], conf["sample_size"]]
-        if shape != list(latents["latent_shape"]):
-            raise ArtifactError(f"{variant} model at {model_dir} takes latents {shape}, the data set's are "
-                                f"{latents['latent_shape']} (a model of another size or data set)")
+        for ref in sorted(set(model.values())) if isinstance(model, dict) else [model]:
+            _check_model(variant, ref, latents)
         folder = storage.join(stage_folder, variant)
         if variant.endswith(SELECT) and references is None:
             references = class_references(cfg, latents, labels)
@@ -254,6 +265,21 @@ def main(cfg: Config) -> dict[str, Any]:
     return artifacts.publish(stage_folder, "sample", fp, cfg, variants=sorted(results),
                              ipc=cfg.sample.ipc, classes=[latents["classes"][i] for i in labels],
                              wall_seconds=round(wall, 2), accelerator_seconds=round(gpu_seconds, 2))
+
+
+def _check_model(variant: str, model: ModelRef, latents: dict[str, Any]) -> None:
+    """Refuse a model that cannot sample the data set's classes at its latent shape (config only)."""
+    from mmdist.distributed import model_config
+
+    conf = model_config(*model)
+    needed = max(latents["model_class_ids"]) + 1
+    if conf["num_embeds_ada_norm"] < needed:
+        raise ArtifactError(f"{variant} model at {model[0]} has {conf['num_embeds_ada_norm']} classes; "
+                            f"the data set needs class ids up to {needed - 1}")
+    shape = [conf["in_channels"], conf["sample_size"], conf["sample_size"]]
+    if shape != list(latents["latent_shape"]):
+        raise ArtifactError(f"{variant} model at {model[0]} takes latents {shape}, the data set's are "
+                            f"{latents['latent_shape']} (a model of another size or data set)")
 
 
 def class_references(cfg: Config, latents: dict[str, Any], labels: list[int]) -> dict[str, Any]:
@@ -287,8 +313,8 @@ def class_references(cfg: Config, latents: dict[str, Any], labels: list[int]) ->
     return {"center": center, "per_class": refs}
 
 
-def _sample_variant(cfg: Config, variant: str, model: tuple[str, str | None], folder: str, latents: dict[str, Any],
-                    labels: list[int], fp: str, references: dict[str, Any] | None = None
+def _sample_variant(cfg: Config, variant: str, model: ModelRef | dict[int, ModelRef], folder: str,
+                    latents: dict[str, Any], labels: list[int], fp: str, references: dict[str, Any] | None = None
                     ) -> tuple[dict[str, Any], float]:
     """Fan the unfinished classes of one variant out over actors; publish its manifest."""
     import ray
@@ -351,13 +377,15 @@ def _sample_variant(cfg: Config, variant: str, model: tuple[str, str | None], fo
     labelled_grid(rows).save(buf, format="PNG")
     storage.write_bytes(storage.join(folder, "grid.png"), buf.getvalue())
     manifest = {
-        "kind": "samples", "fingerprint": vfp, "variant": variant, "model": model[0],
+        "kind": "samples", "fingerprint": vfp, "variant": variant,
+        "model": sorted({m[0] for m in model.values()}) if isinstance(model, dict) else model[0],
         "ipc": cfg.sample.ipc, "seed": cfg.sample.seed, "scheduler": cfg.sample.scheduler,
         "steps": cfg.sample.steps, "guidance_scale": cfg.sample.guidance_scale,
         "guidance_channels": cfg.sample.guidance_channels,
         **({} if references is None else {"oversample": cfg.sample.oversample, "selection": "facility_location",
                                           "select_reference": cfg.sample.select_reference}),
-        "classes": [{k: markers[lab][k] for k in ("class", "label", "folder", "count")} for lab in labels],
+        "classes": [{k: markers[lab][k] for k in ("class", "label", "folder", "count", "model") if k in markers[lab]}
+                    for lab in labels],
         "counts": {markers[lab]["class"]: markers[lab]["count"] for lab in labels},
         "config": cfg.to_dict(), "git_sha": artifacts.git_sha(),
         "accelerator_seconds": round(seconds, 2),
