@@ -25,6 +25,7 @@ instance on the machine, other people's included.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -85,8 +86,12 @@ class Node:
         return [self.root + self.temp_dir] if self.alive else []
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Signal every process of the node (its process group and session)."""
+        """Signal every process of the node (its process group and session); after SIGKILL the node
+        is no longer ``alive`` when this returns."""
         _signal_session(self.proc.pid, sig)
+        if sig == signal.SIGKILL:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=30)
 
     def stop(self, grace: float = 20.0) -> None:
         """SIGTERM the node's processes, then SIGKILL what is left."""
@@ -199,7 +204,7 @@ class LocalCluster:
     # -- worker nodes ---------------------------------------------------------------------------
 
     def add_worker(self, cpus: int = 2, gpus: int = 0, resources: str | None = None,
-                   credentials: str | None | bool = True, wait: bool = True, timeout: float = 180.0) -> Node:
+                   credentials: str | None | bool = True, wait: bool = True, timeout: float = 300.0) -> Node:
         """A worker node in its own mount namespace; ``credentials=False`` gives it none."""
         ip = f"127.0.0.{self._next_ip}"
         self._next_ip += 1
@@ -223,7 +228,7 @@ class LocalCluster:
             self.wait_for_nodes(timeout=timeout)
         return node
 
-    def wait_for_nodes(self, timeout: float = 180.0) -> None:
+    def wait_for_nodes(self, timeout: float = 300.0) -> None:
         """Block until every started node that still runs is registered alive with the head."""
         want = {n.ip for n in self.workers if n.alive}
         deadline = time.time() + timeout
@@ -241,8 +246,8 @@ class LocalCluster:
         """Addresses of the nodes the head counts as alive (through the job server's state API)."""
         from ray.util.state import list_nodes
 
-        try:
-            return {n.node_ip for n in list_nodes(address=self.dashboard_url, filters=[("state", "=", "ALIVE")])}
+        try:  # filtered here: with dead nodes in the table, Ray's server-side filter reports a truncated list
+            return {n.node_ip for n in list_nodes(address=self.dashboard_url, limit=10_000) if n.state == "ALIVE"}
         except Exception:  # the state API is not up yet: nothing is alive as far as we can tell
             return set()
 

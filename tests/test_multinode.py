@@ -329,7 +329,8 @@ def test_losing_a_node_mid_sampling_redoes_its_classes_byte_identically(ray_clus
         time.sleep(0.1)
     assert victim is not None, "sampling ended before a node could be lost"
     victim.kill(signal.SIGKILL)
-    threading.Thread(target=_replace_lost_nodes, args=(two_nodes,), daemon=True).start()
+    replacer = threading.Thread(target=_replace_lost_nodes, args=(two_nodes,), daemon=True)
+    replacer.start()  # while sampling goes on: a restarted actor may land on the new node
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output[-4000:]
     got = {k: v for k, v in _objects(f"{out}/samples/minimax").items() if k.startswith("images/")}
@@ -340,7 +341,8 @@ def test_losing_a_node_mid_sampling_redoes_its_classes_byte_identically(ray_clus
     restarted = [a for a in list_actors(address=two_nodes.dashboard_url, detail=True,
                                         filters=[("class_name", "=", "ClassSampler")]) if a.num_restarts]
     assert restarted, "no sampling actor was restarted: the node was lost after sampling ended"
-    _replace_lost_nodes(two_nodes)
+    replacer.join(timeout=600)  # the next tests want two worker nodes again (one replacement, not two)
+    assert sum(n.alive for n in two_nodes.workers) >= 2, "the lost node was not replaced"
 
 
 # ----------------------------------------------------------------------------------------------
