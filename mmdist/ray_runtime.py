@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -227,7 +228,10 @@ def elastic_map(actors: list, submit: Callable[[Any, Any], Any], items: list) ->
                 try:
                     ray.get(ref)
                     idle.append(actor)
-                except ray.exceptions.RayActorError:  # it could not start (its node died): the others carry on
+                except ray.exceptions.ActorUnavailableError:  # restarting after its node was lost: ask again
+                    time.sleep(0.2)
+                    starting[actor.__ray_ready__.remote()] = actor
+                except ray.exceptions.RayActorError:  # dead for good (restarts spent): the others carry on
                     pass
         while queue and idle:
             actor, item = idle.pop(), queue.pop(0)
