@@ -318,7 +318,7 @@ def fit(cfg: Config, stage: str, fp: str, folder: str | None = None, labels: lis
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from mmdist import ray_runtime
+    from mmdist import ray_runtime, ray_work
 
     tcfg = train_config(cfg, stage)
     latents_dir = artifacts.stage_dir(cfg, "encode")
@@ -373,7 +373,7 @@ def fit(cfg: Config, stage: str, fp: str, folder: str | None = None, labels: lis
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(execution_options=_ordered()),
     )
-    result = ray_runtime.off_main_thread(trainer.fit)
+    result = ray_work.off_main_thread(trainer.fit)
     wall = time.time() - start
     if result.checkpoint is None:
         raise ArtifactError(f"{stage}: training ended without a checkpoint ({result.error})")

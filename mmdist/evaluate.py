@@ -309,7 +309,7 @@ def _run_grid(cfg: Config, todo: list[dict], sets: dict, test: tuple, classes: t
     from ray import tune
     from tqdm import tqdm
 
-    from mmdist import ray_runtime
+    from mmdist import ray_runtime, ray_work
 
     e = cfg.evaluate
     cpus = ray_runtime.trial_cpus(e.cpus_per_trial, len(todo))  # Tune runs as many at once as fit
@@ -343,7 +343,7 @@ def _run_grid(cfg: Config, todo: list[dict], sets: dict, test: tuple, classes: t
     )
     _Progress.bar = tqdm(total=len(todo), desc="evaluate trials", unit="trial")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new console prints a banner whatever `verbose` says
-    grid = ray_runtime.off_main_thread(tuner.fit)
+    grid = ray_work.off_main_thread(tuner.fit)
     _Progress.bar.close()
     if grid.errors:
         raise grid.errors[0]

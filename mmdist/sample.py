@@ -320,7 +320,7 @@ def _sample_variant(cfg: Config, variant: str, model: ModelRef | dict[int, Model
     import ray
     from tqdm import tqdm
 
-    from mmdist import ray_runtime
+    from mmdist import ray_runtime, ray_work
 
     vfp = f"{fp}-{variant}"
     prior = storage.join(folder, schema.MANIFEST)
@@ -355,7 +355,7 @@ def _sample_variant(cfg: Config, variant: str, model: ModelRef | dict[int, Model
                   for _ in range(n_actors)]
         try:
             with tqdm(total=len(todo), desc=f"sample {variant}", unit="class") as bar:
-                for marker in ray_runtime.elastic_map(
+                for marker in ray_work.elastic_map(
                         actors, lambda a, lab: a.sample_class.remote(lab, refs.get(lab)), todo):
                     markers[marker["label"]] = marker
                     bar.update()

@@ -91,7 +91,7 @@ def main(cfg: Config, space: dict[str, Any], num_samples: int = 8,
     """
     from ray import tune
 
-    from mmdist import ray_runtime
+    from mmdist import ray_runtime, ray_work
 
     for key in space:
         getattr_dotted(cfg, key)  # a typo in the space fails here, not in every trial
@@ -115,7 +115,7 @@ def main(cfg: Config, space: dict[str, Any], num_samples: int = 8,
         run_config=tune.RunConfig(name="sweep", storage_path=storage_path, verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=1)),
     )
-    grid = ray_runtime.off_main_thread(tuner.fit)
+    grid = ray_work.off_main_thread(tuner.fit)
     rows = sorted(({**r.config, "val_accuracy": r.metrics["accuracy"], "output": r.metrics["output"]}
                    for r in grid if r.error is None and r.metrics), key=lambda r: -r["val_accuracy"])
     errors = [r.error for r in grid if r.error is not None]

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from mmdist import ray_runtime
+from mmdist import ray_runtime, ray_work
 
 
 def test_a_model_rewritten_in_place_gets_a_fresh_copy_not_the_cached_one(bucket, tmp_path, monkeypatch):
@@ -73,7 +73,7 @@ def test_a_pool_larger_than_the_cluster_still_finishes(ray_cluster):
 
     actors = [Square.options(scheduling_strategy="DEFAULT").remote() for _ in range(4)]
     try:
-        results = list(ray_runtime.elastic_map(actors, lambda a, x: a.run.remote(x), list(range(10))))
+        results = list(ray_work.elastic_map(actors, lambda a, x: a.run.remote(x), list(range(10))))
     finally:
         for a in actors:
             ray.kill(a)
@@ -99,7 +99,7 @@ def test_an_item_whose_actor_died_mid_task_is_done_again(ray_cluster, tmp_path):
 
     actors = [Fragile.options(scheduling_strategy="DEFAULT").remote()]
     try:
-        results = list(ray_runtime.elastic_map(actors, lambda a, x: a.run.remote(x), list(range(6))))
+        results = list(ray_work.elastic_map(actors, lambda a, x: a.run.remote(x), list(range(6))))
     finally:
         for a in actors:
             ray.kill(a)
