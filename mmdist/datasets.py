@@ -158,18 +158,20 @@ def _scan_imagefolder(root: str) -> dict[str, list[Item]]:
     fs, path = storage.filesystem(root)
     if not fs.isdir(path):
         raise DataError(f"image folder {root} does not exist or is not a folder")
-    found: dict[str, list[Item]] = {}
-    for entry in sorted(fs.ls(path, detail=True), key=lambda e: e["name"]):
-        if entry["type"] != "directory":
-            continue
-        name = posixpath.basename(entry["name"].rstrip("/"))
-        files = sorted(f for f in fs.find(entry["name"]) if f.lower().endswith(IMAGE_EXTENSIONS))
-        prefix = root.split("://")[0] + "://" if storage.is_remote(root) else ""
-        found[name] = [Item(f"{name}/{posixpath.relpath(f, entry['name'])}", name, -1, uri=prefix + f)
-                       for f in files]
-    if not found:
+    folders = sorted(e["name"].rstrip("/") for e in fs.ls(path, detail=True) if e["type"] == "directory")
+    if not folders:
         raise DataError(f"image folder {root} has no class folders (expected root/<class>/*.png|jpg)")
-    return found
+    # One recursive listing of the whole root, grouped here: on object storage a find per class
+    # folder is a round trip per class (1000 of them for ImageNet-1K, a minute before any work).
+    top = posixpath.dirname(folders[0])
+    found: dict[str, list[str]] = {posixpath.basename(f): [] for f in folders}
+    for f in fs.find(path):
+        name, _, rest = posixpath.relpath(f, top).partition("/")
+        if rest and name in found and f.lower().endswith(IMAGE_EXTENSIONS):
+            found[name].append(f)
+    prefix = root.split("://")[0] + "://" if storage.is_remote(root) else ""
+    return {name: [Item(f"{name}/{posixpath.relpath(f, posixpath.join(top, name))}", name, -1, uri=prefix + f)
+                   for f in sorted(files)] for name, files in found.items()}
 
 
 def _scan_parquet(root: str) -> dict[str, list[Item]]:

@@ -11,6 +11,7 @@ the teacher for soft labels and diagnostics is ``mmdist.teacher``.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ import torch
 
 from mmdist import artifacts, datasets, protocols, schema, storage, tracking
 from mmdist.config import Config, is_generated, to_dict
-from mmdist.errors import ConfigError, DataError
+from mmdist.errors import ArtifactError, ConfigError, DataError
 from mmdist.models import classifiers
 from mmdist.seeding import derive_seed
 from mmdist.tables import aggregate, diagnostics_markdown, markdown, write_tables
@@ -50,10 +51,11 @@ def _sampled_set(cfg: Config, variant: str, ipc: int, classes: tuple[str, ...]) 
                           f"sampled for {variant} (raise sample.ipc)")
     _check_classes(variant, [c["class"] for c in manifest["classes"]], classes)
     images, labels = [], []
-    for entry in manifest["classes"]:
-        fs, path = storage.filesystem(storage.join(folder, "parquet", f"{entry['folder']}.parquet"))
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=[schema.PNG, schema.INDEX]).sort_by(schema.INDEX)
+    uris = [storage.join(folder, "parquet", f"{entry['folder']}.parquet") for entry in manifest["classes"]]
+    for entry, uri, data in zip(manifest["classes"], uris, storage.read_many(uris)):  # one class per file
+        if isinstance(data, Exception):
+            raise ArtifactError(f"{storage.redact(uri)}: cannot be read ({data})")
+        table = pq.read_table(io.BytesIO(data), columns=[schema.PNG, schema.INDEX]).sort_by(schema.INDEX)
         pngs = table.column(schema.PNG).to_pylist()[:ipc]
         images += [decode_png(p) for p in pngs]
         labels += [classes.index(entry["class"])] * len(pngs)
@@ -287,9 +289,11 @@ def _diagnose(cfg: Config, teacher: dict[str, Any], data: tuple[np.ndarray, np.n
     if _REFERENCE is None or _REFERENCE[0] != (cfg.fingerprint("data"), res, teacher["key"]):
         train = datasets.index_split(cfg.data, "train")
         rng = np.random.default_rng(derive_seed(0, "diagnostics"))
+        by_class: dict[int, list] = {k: [] for k in range(len(train.classes))}
+        for it in train.items:
+            by_class[it.label].append(it)
         items = []
-        for k in range(len(train.classes)):
-            members = [it for it in train.items if it.label == k]
+        for k, members in by_class.items():
             items += [members[i] for i in sorted(rng.permutation(len(members))[:diagnostics.REFERENCE_PER_CLASS])]
         x, y = datasets.load_images(cfg.data, items, "train")
         model = build_model(teacher, x.shape[1], len(train.classes), res)

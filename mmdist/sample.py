@@ -113,16 +113,16 @@ class ClassSampler:
         pngs: list[bytes] = []
         for chunk in batches:
             z = self._latents(label, chunk) if selected is None else z_all[list(chunk)]
-            for k, img in zip(range(len(pngs), len(pngs) + len(chunk)), self.decoder.decode(z).cpu().numpy()):
-                data = png_bytes(img)
-                storage.write_bytes(storage.join(self.folder, "images", safe, f"{k:05d}.png"), data)
-                pngs.append(data)
+            pngs += [png_bytes(img) for img in self.decoder.decode(z).cpu().numpy()]
+        # the class's files go out together (on object storage, concurrently); the marker after them
+        storage.write_many({**{storage.join(self.folder, "images", safe, f"{k:05d}.png"): data
+                               for k, data in enumerate(pngs)},
+                            storage.join(self.folder, "parquet", f"{safe}.parquet"): class_parquet(pngs, label, name),
+                            storage.join(self.folder, "grids", f"{safe}.png"):
+                                png_bytes(grid([decode_png(p) for p in pngs[:64]], cols=8))})
         # a published class folder holds exactly its images: not a killed writer's temp file, nor
         # images past IPC from an earlier, larger run
         storage.keep_only(storage.join(self.folder, "images", safe), {f"{k:05d}.png" for k in range(s.ipc)})
-        _write_class_parquet(storage.join(self.folder, "parquet", f"{safe}.parquet"), pngs, label, name)
-        storage.write_bytes(storage.join(self.folder, "grids", f"{safe}.png"),
-                            png_bytes(grid([decode_png(p) for p in pngs[:64]], cols=8)))
         marker = {"class": name, "label": label, "folder": safe, "count": len(pngs),
                   "fingerprint": self.fingerprint, "seconds": round(time.time() - start, 2),
                   **({"model": self.ref[0]} if self.models else {}),
@@ -177,8 +177,8 @@ def labelled_grid(rows: list[tuple[str, list[np.ndarray]]], scale: int = 3) -> I
     return canvas
 
 
-def _write_class_parquet(uri: str, pngs: list[bytes], label: int, name: str) -> None:
-    """The class's images as a Parquet table (PNG bytes, index, label, class name)."""
+def class_parquet(pngs: list[bytes], label: int, name: str) -> bytes:
+    """The class's images as a Parquet file (PNG bytes, index, label, class name)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -187,7 +187,7 @@ def _write_class_parquet(uri: str, pngs: list[bytes], label: int, name: str) -> 
                       schema.CLASS_NAME: pa.array([name] * len(pngs), pa.string())})
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    storage.write_bytes(uri, buf.getvalue())
+    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------

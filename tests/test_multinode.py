@@ -59,8 +59,9 @@ def _data_args(train, test):
     return ["data.source=parquet", f"data.train={train}", f"data.test={test}"]
 
 
-def _objects(prefix):
-    """{relative path: sha256} of the objects under an s3:// prefix.
+def _objects(prefix, keep=lambda rel: True):
+    """{relative path: sha256} of the objects under an s3:// prefix whose path ``keep`` accepts,
+    fetched concurrently (one round trip each would take minutes on a busy loopback server).
 
     A model's config.json is hashed without ``_name_or_path``: diffusers records there the folder
     the model was loaded from, which is a node's cache path, not part of the model.
@@ -71,29 +72,27 @@ def _objects(prefix):
     fs = s3fs.S3FileSystem()
     fs.invalidate_cache()
     root = prefix.removeprefix("s3://")
+    paths = [p for p in fs.find(root) if keep(os.path.relpath(p, root))]
     out = {}
-    for path in fs.find(root):
-        data, rel = fs.cat_file(path), os.path.relpath(path, root)
+    for path, data in (fs.cat(paths) if paths else {}).items():
+        rel = os.path.relpath(path, root)
         if rel.endswith(("model/config.json", "model_ema/config.json")):
             data = json.dumps({k: v for k, v in json.loads(data).items() if k != "_name_or_path"}).encode()
         out[rel] = hashlib.sha256(data).hexdigest()
     return out
 
 
-def _artifact_bytes(objects):
-    """The files whose bytes depend only on the config: no manifests, run records or timings."""
-    def kept(rel):
-        parts = rel.split("/")
-        if parts[-1] in ("manifest.json", "history.json", ".") or \
-                {"ray", "tune", "trials", "classes", "tensorboard"} & set(parts):  # run records: times, hosts
-            return False
-        # The diagnostics' teacher trains with every core of the node it lands on, and float sums
-        # follow the thread count: its weights, and the diagnostics they score, are per machine.
-        if parts[0] == "teacher" or parts[-1] in ("diagnostics.json", "results.md"):
-            return False
-        return parts[-1] != "config.json" or parts[-2] in ("model", "model_ema")  # a model's config is its shape
-
-    return {rel: digest for rel, digest in objects.items() if kept(rel)}
+def _is_artifact(rel):
+    """Whether a file's bytes depend only on the config: no manifests, run records or timings."""
+    parts = rel.split("/")
+    if parts[-1] in ("manifest.json", "history.json", ".") or \
+            {"ray", "tune", "trials", "classes", "tensorboard"} & set(parts):  # run records: times, hosts
+        return False
+    # The diagnostics' teacher trains with every core of the node it lands on, and float sums
+    # follow the thread count: its weights, and the diagnostics they score, are per machine.
+    if parts[0] == "teacher" or parts[-1] in ("diagnostics.json", "results.md"):
+        return False
+    return parts[-1] != "config.json" or parts[-2] in ("model", "model_ema")  # a model's config is its shape
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,14 +123,16 @@ def one_node(ray_cluster, store):
 
 
 def test_two_node_pipeline_is_byte_identical_to_the_single_node_run(store, pipeline, one_node):
-    two, one = _objects(pipeline["output"]), _objects(one_node)
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
     for stage in ("latents", "pretrain", "finetune", "samples", "eval"):
-        assert f"{stage}/manifest.json" in two, f"{stage} was not published"
-    kept = _artifact_bytes(two)
+        assert fs.exists(f"{pipeline['output']}/{stage}/manifest.json"), f"{stage} was not published"
+    kept = _objects(pipeline["output"], _is_artifact)
     assert {"latents/stats.safetensors", "finetune/minimax/model_ema/diffusion_pytorch_model.safetensors",
             "eval/results.json"} <= set(kept)
     assert sum(r.startswith("samples/minimax/images/") for r in kept) == len(CLASSES) * 2  # IPC 2
-    assert kept == _artifact_bytes(one)
+    assert kept == _objects(one_node, _is_artifact)
     assert "| minimax |" in pipeline["logs"]  # the table the driver printed
 
 
@@ -333,8 +334,8 @@ def test_losing_a_node_mid_sampling_redoes_its_classes_byte_identically(ray_clus
     replacer.start()  # while sampling goes on: a restarted actor may land on the new node
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output[-4000:]
-    got = {k: v for k, v in _objects(f"{out}/samples/minimax").items() if k.startswith("images/")}
-    want = {k: v for k, v in _objects(f"{reference}/samples/minimax").items() if k.startswith("images/")}
+    got = _objects(f"{out}/samples/minimax", lambda rel: rel.startswith("images/"))
+    want = _objects(f"{reference}/samples/minimax", lambda rel: rel.startswith("images/"))
     assert len(want) == 8 * len(CLASSES) and got == want  # every image once, the same bytes
     from ray.util.state import list_actors
 

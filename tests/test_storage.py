@@ -86,6 +86,39 @@ def test_read_many_keeps_the_order_and_puts_each_error_in_its_place(bucket, tmp_
         assert isinstance(got[7], FileNotFoundError), (root, got[7])
 
 
+def test_write_many_writes_every_file_and_raises_the_first_error_after_the_rest(bucket, tmp_path):
+    for root in (bucket, str(tmp_path)):
+        files = {f"{root}/out/{i:03d}.bin": f"file {i}".encode() for i in range(40)}
+        storage.write_many(files)
+        assert storage.read_many(list(files)) == list(files.values())
+    # a file that cannot be written (its bucket does not exist) fails the call, not the others
+    files = {f"{bucket}/more/{i}.bin": b"x" for i in range(5)}
+    with pytest.raises(FileNotFoundError):
+        storage.write_many({"s3://no-such-bucket-mmdist/a.bin": b"x", **files})
+    assert storage.read_many(list(files)) == [b"x"] * 5
+
+
+def test_an_s3_image_folder_is_indexed_as_the_same_folder_on_disk(bucket, tmp_path):
+    """One recursive listing of the root, grouped by class: nested folders kept, stray files skipped."""
+    from helpers import png
+
+    from mmdist import datasets
+    from mmdist.config import DataConfig
+
+    files = {"cat/a.png": png(8), "cat/deep/b.PNG": png(8, seed=1), "cat/notes.txt": b"not an image",
+             "dog/c.png": png(8, seed=2), "readme.md": b"not a class"}
+    for rel, data in files.items():
+        storage.write_bytes(f"{bucket}/folder/{rel}", data)
+        storage.write_bytes(str(tmp_path / "folder" / rel), data)
+    indexed = []
+    for root in (f"{bucket}/folder", str(tmp_path / "folder")):
+        cfg = DataConfig(source="imagefolder", train=root, test=root, classes=None, channels=1, image_size=8,
+                         max_per_class=None)
+        index = datasets.index_split(cfg, "train")
+        indexed.append((tuple(index.classes), [(it.source_id, it.label) for it in index.items]))
+    assert indexed[0] == indexed[1] == (("cat", "dog"), [("cat/a.png", 0), ("cat/deep/b.PNG", 0), ("dog/c.png", 1)])
+
+
 def test_an_unreadable_file_of_an_s3_image_folder_is_named(bucket, tmp_path):
     from helpers import image_folder
 
