@@ -1,9 +1,13 @@
-"""Reading many small files from object storage: one GET at a time vs ``storage.read_many``.
+"""Many small files on object storage: one request at a time (what the code did before) vs now.
 
-The evaluation reads every distilled image and every test image from storage (ImageNet-1K at
-IPC 50: 50,000 + 50,000 small PNGs), and encode reads every train image of an ImageFolder. On
-object storage each GET costs a round trip, so the baseline (a loop of ``read_bytes``, what the
-code did before) is latency-bound; ``read_many`` keeps 16 GETs in flight.
+- reading: a loop of ``read_bytes`` vs ``storage.read_many`` (16 GETs in flight). The evaluation
+  reads every distilled and test image (ImageNet-1K at IPC 50: 50,000 + 50,000 small PNGs), and
+  encode every train image of an ImageFolder.
+- writing: a loop of ``write_bytes`` vs ``storage.write_many``, as sampling writes a class's
+  images (IPC of them, plus its Parquet copy and grid).
+- listing an ImageFolder: a ``find`` per class folder vs the one recursive listing that
+  ``datasets.index_split`` makes (ImageNet-1K has 1000 class folders).
+On object storage each request costs a round trip, so every baseline is latency-bound.
 
 The S3 server is moto on loopback behind a relay that delays every request by ``--latency-ms``
 (default 20 ms, a same-region S3 GET of a small object is 10-30 ms), so the figure stands for a
@@ -85,25 +89,55 @@ def main() -> None:
     payload = os.urandom(2048)
     uris = [f"s3://bench/images/{i // 10:04d}/{i:05d}.png" for i in range(n)]
     s3fs.S3FileSystem().pipe({u.removeprefix("s3://"): payload for u in uris})  # concurrent PUTs
-    walls: dict[str, list[float]] = {"one_at_a_time": [], "read_many": []}
-    for _ in range(repeats):
+    fs = s3fs.S3FileSystem()
+    from mmdist import datasets
+    from mmdist.config import DataConfig
+
+    folder = DataConfig(source="imagefolder", train="s3://bench/images", classes=None, max_per_class=None)
+    walls: dict[str, list[float]] = {k: [] for k in ("read_one_at_a_time", "read_many", "write_one_at_a_time",
+                                                      "write_many", "list_per_class", "list_once")}
+    for r in range(repeats):
         with common.Stopwatch() as sw:
             sequential = [storage.read_bytes(u) for u in uris]
-        walls["one_at_a_time"].append(sw.seconds)
+        walls["read_one_at_a_time"].append(sw.seconds)
         with common.Stopwatch() as sw:
             concurrent = storage.read_many(uris)
         walls["read_many"].append(sw.seconds)
         assert sequential == concurrent, "read_many returned other bytes"
+        with common.Stopwatch() as sw:
+            for u in uris:
+                storage.write_bytes(u.replace("/images/", f"/out-{r}-a/"), payload)
+        walls["write_one_at_a_time"].append(sw.seconds)
+        with common.Stopwatch() as sw:
+            storage.write_many({u.replace("/images/", f"/out-{r}-b/"): payload for u in uris})
+        walls["write_many"].append(sw.seconds)
+        assert len(fs.find(f"bench/out-{r}-b")) == n, "write_many lost files"
+        fs.invalidate_cache()
+        with common.Stopwatch() as sw:
+            per_class = {d: fs.find(d) for d in fs.ls("bench/images")}
+        walls["list_per_class"].append(sw.seconds)
+        fs.invalidate_cache()
+        with common.Stopwatch() as sw:
+            index = datasets.index_split(folder, "train")
+        walls["list_once"].append(sw.seconds)
+        assert len(index.items) == sum(map(len, per_class.values())) == n, "the listings disagree"
+        fs.invalidate_cache()
     server.stop()
     best = {k: min(v) for k, v in walls.items()}
-    speedup = common.ratio(best["one_at_a_time"], best["read_many"])
-    print(f"{n} objects of 2 kB, {args.latency_ms:g} ms added per request: one at a time "
-          f"{best['one_at_a_time']:.2f} s, read_many {best['read_many']:.2f} s ({speedup:.1f}x)")
+    speedup = {what: common.ratio(best[base], best[new]) for what, base, new in (
+        ("read", "read_one_at_a_time", "read_many"), ("write", "write_one_at_a_time", "write_many"),
+        ("list", "list_per_class", "list_once"))}
+    print(f"{n} objects of 2 kB in {n // 10} folders, {args.latency_ms:g} ms added per request:")
+    print(f"  read:  one at a time {best['read_one_at_a_time']:.2f} s, read_many {best['read_many']:.2f} s "
+          f"({speedup['read']:.1f}x)")
+    print(f"  write: one at a time {best['write_one_at_a_time']:.2f} s, write_many {best['write_many']:.2f} s "
+          f"({speedup['write']:.1f}x)")
+    print(f"  list:  a find per folder {best['list_per_class']:.2f} s, one listing {best['list_once']:.2f} s "
+          f"({speedup['list']:.1f}x)")
     common.write_json(args.out, common.rnd({
-        "benchmark": "storage", "objects": n, "object_bytes": len(payload), "latency_ms": args.latency_ms,
-        "repeats": repeats, "walls": walls, "best": best, "speedup": speedup,
+        "benchmark": "storage", "objects": n, "folders": n // 10, "object_bytes": len(payload),
+        "latency_ms": args.latency_ms, "repeats": repeats, "walls": walls, "best": best, "speedup": speedup,
         "machine": common.finish_facts(facts)}))
-
 
 if __name__ == "__main__":
     main()

@@ -72,7 +72,8 @@ def _objects(prefix, keep=lambda rel: True):
     fs = s3fs.S3FileSystem()
     fs.invalidate_cache()
     root = prefix.removeprefix("s3://")
-    paths = [p for p in fs.find(root) if keep(os.path.relpath(p, root))]
+    # keys ending in "/" are folder markers (pyarrow writes them), not files
+    paths = [p for p in fs.find(root) if not p.endswith("/") and keep(os.path.relpath(p, root))]
     out = {}
     for path, data in (fs.cat(paths) if paths else {}).items():
         rel = os.path.relpath(path, root)
@@ -85,7 +86,7 @@ def _objects(prefix, keep=lambda rel: True):
 def _is_artifact(rel):
     """Whether a file's bytes depend only on the config: no manifests, run records or timings."""
     parts = rel.split("/")
-    if parts[-1] in ("manifest.json", "history.json", ".") or \
+    if parts[-1] in ("manifest.json", "history.json") or \
             {"ray", "tune", "trials", "classes", "tensorboard"} & set(parts):  # run records: times, hosts
         return False
     # The diagnostics' teacher trains with every core of the node it lands on, and float sums
