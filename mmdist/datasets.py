@@ -158,14 +158,18 @@ def _scan_imagefolder(root: str) -> dict[str, list[Item]]:
     fs, path = storage.filesystem(root)
     if not fs.isdir(path):
         raise DataError(f"image folder {root} does not exist or is not a folder")
-    folders = sorted(e["name"].rstrip("/") for e in fs.ls(path, detail=True) if e["type"] == "directory")
+    entries = fs.ls(path, detail=True)
+    # a class folder may be a link to one elsewhere (subsets of ImageNet are often built that way)
+    linked = [e["name"] for e in entries if e.get("islink") and fs.isdir(e["name"])]
+    folders = sorted([e["name"].rstrip("/") for e in entries if e["type"] == "directory"] + linked)
     if not folders:
         raise DataError(f"image folder {root} has no class folders (expected root/<class>/*.png|jpg)")
     # One recursive listing of the whole root, grouped here: on object storage a find per class
     # folder is a round trip per class (1000 of them for ImageNet-1K, a minute before any work).
+    # A local listing does not enter linked folders: each of those is listed on its own.
     top = posixpath.dirname(folders[0])
     found: dict[str, list[str]] = {posixpath.basename(f): [] for f in folders}
-    for f in fs.find(path):
+    for f in [*fs.find(path), *(f for link in linked for f in fs.find(link))]:
         name, _, rest = posixpath.relpath(f, top).partition("/")
         if rest and name in found and f.lower().endswith(IMAGE_EXTENSIONS):
             found[name].append(f)

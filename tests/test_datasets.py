@@ -38,6 +38,20 @@ def test_imagefolder_classes_keep_their_names_and_order(tmp_path):
     assert chosen.classes == ("zebra", "ant") and [it.label for it in chosen.items] == [0, 1]
 
 
+def test_an_imagefolder_of_linked_class_folders_and_files_is_indexed(tmp_path):
+    """ImageNet subsets are often folders of links to the full set's class folders or images."""
+    import os
+
+    full = image_folder(str(tmp_path / "full"), {"cat": 2, "dog": 1, "eel": 1})
+    subset = tmp_path / "subset"
+    (subset / "dog").mkdir(parents=True)
+    os.symlink(os.path.join(full, "cat"), subset / "cat")
+    for name in os.listdir(os.path.join(full, "dog")):
+        os.symlink(os.path.join(full, "dog", name), subset / "dog" / name)
+    index = datasets.index_split(DataConfig(source="imagefolder", train=str(subset), channels=3), "train")
+    assert index.classes == ("cat", "dog") and [it.label for it in index.items] == [0, 0, 1]
+
+
 def test_empty_class_and_missing_test_class_are_recorded(tmp_path):
     root = image_folder(str(tmp_path / "tr"), {"a": 2, "b": 2})
     (tmp_path / "tr" / "empty").mkdir()
