@@ -83,16 +83,14 @@ def main() -> None:
     facts = common.machine_facts()
     import s3fs
 
-    from mmdist import storage
-
-    s3fs.S3FileSystem().mkdir("bench")
-    payload = os.urandom(2048)
-    uris = [f"s3://bench/images/{i // 10:04d}/{i:05d}.png" for i in range(n)]
-    s3fs.S3FileSystem().pipe({u.removeprefix("s3://"): payload for u in uris})  # concurrent PUTs
-    fs = s3fs.S3FileSystem()
-    from mmdist import datasets
+    from mmdist import datasets, storage
     from mmdist.config import DataConfig
 
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("bench")
+    payload = os.urandom(2048)
+    uris = [f"s3://bench/images/{i // 10:04d}/{i:05d}.png" for i in range(n)]
+    fs.pipe({u.removeprefix("s3://"): payload for u in uris})  # concurrent PUTs
     folder = DataConfig(source="imagefolder", train="s3://bench/images", classes=None, max_per_class=None)
     walls: dict[str, list[float]] = {k: [] for k in ("read_one_at_a_time", "read_many", "write_one_at_a_time",
                                                       "write_many", "list_per_class", "list_once")}

@@ -117,7 +117,7 @@ class ClassSampler:
         # the class's files go out together (on object storage, concurrently); the marker after them
         storage.write_many({**{storage.join(self.folder, "images", safe, f"{k:05d}.png"): data
                                for k, data in enumerate(pngs)},
-                            storage.join(self.folder, "parquet", f"{safe}.parquet"): class_parquet(pngs, label, name),
+                            storage.join(self.folder, "parquet", f"{safe}.parquet"): _class_parquet(pngs, label, name),
                             storage.join(self.folder, "grids", f"{safe}.png"):
                                 png_bytes(grid([decode_png(p) for p in pngs[:64]], cols=8))})
         # a published class folder holds exactly its images: not a killed writer's temp file, nor
@@ -177,7 +177,7 @@ def labelled_grid(rows: list[tuple[str, list[np.ndarray]]], scale: int = 3) -> I
     return canvas
 
 
-def class_parquet(pngs: list[bytes], label: int, name: str) -> bytes:
+def _class_parquet(pngs: list[bytes], label: int, name: str) -> bytes:
     """The class's images as a Parquet file (PNG bytes, index, label, class name)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
