@@ -24,7 +24,7 @@ import torch
 
 from mmdist import artifacts, schema, storage, tracking, training
 from mmdist.config import Config, TrainConfig
-from mmdist.errors import ArtifactError
+from mmdist.errors import ArtifactError, DataError
 from mmdist.models import diffusion
 from mmdist.models.gaussian_diffusion import GaussianDiffusion
 from mmdist.models.minimax import MinimaxObjective, SingleProcess
@@ -32,6 +32,9 @@ from mmdist.seeding import derive_seed
 
 log = logging.getLogger("mmdist")
 EMBEDDED_BACKBONE = os.path.join(os.path.dirname(__file__), "assets", "dit-fashion-mnist")
+# a worker's share of the latents up to this size is read once and kept (training.EpochCache):
+# Fashion-MNIST's 60k latents are 188 MB; ImageNet-1K's (21 GB) stream every epoch
+EPOCH_CACHE_BYTES = 1 << 30
 
 
 class TorchCollective:
@@ -222,12 +225,17 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     running: dict[str, list[float]] = {}
     tick = started = time.time()
     first = state.step
+    cache = training.EpochCache(EPOCH_CACHE_BYTES)
     while state.step < tcfg.steps:
-        epoch_seed = derive_seed(tcfg.seed, stage, rank, "epoch", state.step)
-        batches = shard.iter_torch_batches(batch_size=local_batch, drop_last=True, device=device,
-                                           local_shuffle_buffer_size=max(local_batch * 8, 256),
-                                           local_shuffle_seed=epoch_seed % 2**31)
+        epoch_seed = derive_seed(tcfg.seed, stage, rank, "epoch", state.step) % 2**31
+        batches = cache.batches(local_batch, epoch_seed) if cache.ready else shard.iter_torch_batches(
+            batch_size=local_batch, drop_last=False, device=device,
+            local_shuffle_buffer_size=max(local_batch * 8, 256), local_shuffle_seed=epoch_seed)
+        epoch_start = state.step
         for batch in batches:
+            cache.add(batch)
+            if len(batch[schema.LABEL]) < local_batch:  # the epoch's short last batch (drop_last)
+                continue
             mean = batch[schema.LATENT_MEAN]
             std = batch.get(schema.LATENT_STD)
             step_start = time.perf_counter()
@@ -259,6 +267,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 _report_checkpoint(state, rank, stage)
             if last:
                 break
+        if state.step == epoch_start:  # would loop forever
+            raise DataError(f"{stage}: rank {rank}'s share of the latents holds fewer than one batch "
+                            f"({local_batch} rows); lower {stage}.global_batch_size or use fewer workers")
+        cache.epoch_done()
     if tracker:
         tracker.close()
 

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from mmdist import artifacts, storage
@@ -115,7 +113,7 @@ def fit_variant(cfg: Config, method: str, folder: str, fp: str, latents: dict[st
     (listing every phase and its classes). ``cfg`` is the variant's config, ``fp`` its fingerprint."""
     import dataclasses
 
-    from mmdist import distributed, ray_runtime
+    from mmdist import distributed, ray_runtime, ray_work
 
     tcfg = cfg.finetune
     groups = split(len(latents["classes"]), tcfg.class_phases)
@@ -143,7 +141,7 @@ def fit_variant(cfg: Config, method: str, folder: str, fp: str, latents: dict[st
                                      labels=groups[p], model="model", model_ema="model_ema",
                                      backbone=tcfg.backbone, **fields)
 
-        results = _run_threads(todo, at_once, train)
+        results = ray_work.on_threads(todo, at_once, train)
         failed = {p: r for p, r in results.items() if isinstance(r, BaseException)}
         done.update({p: r for p, r in results.items() if p not in failed})
         if failed:
@@ -173,33 +171,3 @@ def _check_rows(tcfg: FinetuneConfig, latents: dict[str, Any], groups: list[list
                               f"{latents['classes'][labels[0]]!r}) has {rows} images, fewer than "
                               f"finetune.global_batch_size={tcfg.global_batch_size}; use larger phases or a "
                               "smaller batch")
-
-
-def _run_threads(items: list[int], at_once: int, work: Callable[[int], Any]) -> dict[int, Any]:
-    """``work(item)`` for every item on ``at_once`` daemon threads; item -> result or the exception it raised.
-
-    Daemon threads, not a ThreadPoolExecutor: the interpreter joins an executor's threads at exit,
-    so a Ctrl-C would wait for every running fine-tune to finish. The main thread waits in short
-    joins, so it stays interruptible.
-    """
-    queue, results, lock = list(items), {}, threading.Lock()
-
-    def worker() -> None:
-        """Take items until none are left."""
-        while True:
-            with lock:
-                if not queue:
-                    return
-                item = queue.pop(0)
-            try:
-                results[item] = work(item)
-            except Exception as e:  # the other phases go on; the caller raises it
-                results[item] = e
-
-    threads = [threading.Thread(target=worker, name=f"phase-{i}", daemon=True) for i in range(at_once)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        while t.is_alive():
-            t.join(timeout=0.5)
-    return results

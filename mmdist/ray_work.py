@@ -66,6 +66,37 @@ def elastic_map(actors: list, submit: Callable[[Any, Any], Any], items: list) ->
 T = TypeVar("T")
 
 
+def on_threads(items: list, at_once: int, work: Callable[[Any], T]) -> dict[Any, T | BaseException]:
+    """``work(item)`` for every item on ``at_once`` daemon threads; item -> result or the exception
+    it raised (the other items go on; the caller decides what to raise).
+
+    Daemon threads, not a ThreadPoolExecutor: the interpreter joins an executor's threads at exit,
+    so a Ctrl-C would wait for every running fit to finish. The calling thread waits in short
+    joins, so it stays interruptible.
+    """
+    queue, results, lock = list(items), {}, threading.Lock()
+
+    def worker() -> None:
+        """Take items until none are left."""
+        while True:
+            with lock:
+                if not queue:
+                    return
+                item = queue.pop(0)
+            try:
+                results[item] = work(item)
+            except BaseException as e:  # handed to the caller
+                results[item] = e
+
+    threads = [threading.Thread(target=worker, name=f"fit-{i}", daemon=True) for i in range(at_once)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(timeout=0.5)
+    return results
+
+
 def off_main_thread(fit: Callable[[], T]) -> T:
     """``fit()`` (a Ray Train trainer's or a Tune tuner's) run on a daemon thread while the main
     thread waits, so that Ctrl-C stays the KeyboardInterrupt every stage raises.
@@ -74,20 +105,12 @@ def off_main_thread(fit: Callable[[], T]) -> T:
     Ray Train's aborts the run and ends the process (status 0 or 1, Ray's traceback), Tune's stops
     the experiment and returns what finished, and a Ctrl-C later in the same process (in sampling,
     after a fine-tune) was ignored. Off the main thread they install none. The run's actors are
-    owned by this process and end with it.
+    owned by this process and end with it. Already off it (a phase of ``finetune.class_phases``),
+    ``fit()`` runs where it is called.
     """
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = fit()
-        except BaseException as e:  # handed to the main thread, which raises it
-            outcome["error"] = e
-
-    thread = threading.Thread(target=target, name="ray-fit", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(timeout=0.5)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+    if threading.current_thread() is not threading.main_thread():
+        return fit()
+    outcome = on_threads([0], 1, lambda _: fit())[0]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome

@@ -88,12 +88,12 @@ class ClassSampler:
                               scheduler=s.scheduler, steps=s.steps, guidance_scale=s.guidance_scale,
                               guidance_channels=s.guidance_channels, autocast=s.mixed_precision)
 
-    def sample_class(self, label: int, reference: np.ndarray | None = None) -> dict[str, Any]:
+    def sample_class(self, label: int, reference: np.ndarray | None = None, fresh: bool = False) -> dict[str, Any]:
         """Generate, write and publish all IPC images of one class; returns its marker.
 
         With ``reference`` (the class's real latents, centred and normalised) this is a +select
         variant: oversample x IPC candidates are drawn and the IPC that cover the reference best
-        are kept, best first.
+        are kept, best first. ``fresh``: the class had no image folder when the stage started.
         """
         s = self.cfg.sample
         start = time.time()
@@ -121,8 +121,11 @@ class ClassSampler:
                             storage.join(self.folder, "grids", f"{safe}.png"):
                                 png_bytes(grid([decode_png(p) for p in pngs[:64]], cols=8))})
         # a published class folder holds exactly its images: not a killed writer's temp file, nor
-        # images past IPC from an earlier, larger run
-        storage.keep_only(storage.join(self.folder, "images", safe), {f"{k:05d}.png" for k in range(s.ipc)})
+        # images past IPC from an earlier, larger run. On object storage a PUT leaves no temp file
+        # and a retry writes the same names, so a folder absent at the start needs no listing (a
+        # round trip per class: a minute at 1000 classes)
+        if not (fresh and storage.is_remote(self.folder)):
+            storage.keep_only(storage.join(self.folder, "images", safe), {f"{k:05d}.png" for k in range(s.ipc)})
         marker = {"class": name, "label": label, "folder": safe, "count": len(pngs),
                   "fingerprint": self.fingerprint, "seconds": round(time.time() - start, 2),
                   **({"model": self.ref[0]} if self.models else {}),
@@ -339,6 +342,7 @@ def _sample_variant(cfg: Config, variant: str, model: ModelRef | dict[int, Model
         if m.get("fingerprint") == vfp and m.get("count") == cfg.sample.ipc:
             markers[lab] = m
     todo = [lab for lab in labels if lab not in markers]
+    had_images = set(storage.listdir(storage.join(folder, "images"))) if todo else set()
     start = time.time()
     n_actors = 0
     if todo:
@@ -356,7 +360,8 @@ def _sample_variant(cfg: Config, variant: str, model: ModelRef | dict[int, Model
         try:
             with tqdm(total=len(todo), desc=f"sample {variant}", unit="class") as bar:
                 for marker in ray_work.elastic_map(
-                        actors, lambda a, lab: a.sample_class.remote(lab, refs.get(lab)), todo):
+                        actors, lambda a, lab: a.sample_class.remote(
+                            lab, refs.get(lab), storage.safe_name(latents["classes"][lab]) not in had_images), todo):
                     markers[marker["label"]] = marker
                     bar.update()
         finally:

@@ -269,6 +269,9 @@ def listdir(uri: str) -> list[str]:
     """Names (not paths) of the entries in a folder, sorted; [] if it does not exist."""
     fs, path = filesystem(uri)
     with _storage_errors(uri):
+        # fresh, not s3fs's listing cache: a cached listing of a parent answers "absent" for a
+        # folder created since (other processes write here)
+        fs.invalidate_cache(path)
         if not fs.exists(path):
             return []
         return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))

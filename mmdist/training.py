@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,6 +161,56 @@ def train_step(state: TrainState, ctx: StepContext, mean: torch.Tensor, std: tor
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: safetensors + JSON
 # ----------------------------------------------------------------------------------------------
+
+class EpochCache:
+    """The rows one worker saw in its first epoch, kept in memory when they fit ``budget_bytes``,
+    and dealt again in a new seeded order every later epoch.
+
+    Why: each epoch of a streaming read starts Ray Data's executor and read tasks anew, seconds
+    that dominate when an epoch is a few steps (a user's small ImageFolder, a class phase, a
+    laptop): measured 3-5 steps/s streaming vs 23-38 from memory on a 2-core machine. A data set
+    over the budget (ImageNet's latents) is never cached and keeps streaming; the decision
+    depends only on the row count, which Ray Data's equal split makes the same on every rank, so
+    DDP ranks always take the same number of steps.
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.parts: list[dict[str, torch.Tensor]] = []
+        self.size = 0
+        self.rows: dict[str, torch.Tensor] | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Whether the rows are kept (the first epoch was read and fitted the budget)."""
+        return self.rows is not None
+
+    def add(self, batch: dict[str, torch.Tensor]) -> None:
+        """Keep a batch of the first epoch (until the budget is exceeded; then keep nothing)."""
+        if self.rows is not None or self.size > self.budget:
+            return
+        self.size += sum(t.numel() * t.element_size() for t in batch.values())
+        if self.size > self.budget:
+            self.parts = []
+        else:
+            self.parts.append(batch)
+
+    def epoch_done(self) -> None:
+        """The first epoch was read to its end: its rows become the cache, if they fit."""
+        if self.rows is None and self.parts and self.size <= self.budget:
+            self.rows = {k: torch.cat([p[k] for p in self.parts]) for k in self.parts[0]}
+            self.parts = []
+
+    def batches(self, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Full batches of the cached rows in a permutation drawn from ``seed`` (the last
+        partial batch is dropped, like the streaming read's ``drop_last``)."""
+        assert self.rows is not None
+        n = len(next(iter(self.rows.values())))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        for i in range(0, n - batch_size + 1, batch_size):
+            idx = order[i:i + batch_size].to(next(iter(self.rows.values())).device)
+            yield {k: v[idx] for k, v in self.rows.items()}
+
 
 STATE_FILE = "state.safetensors"
 META_FILE = "meta.json"

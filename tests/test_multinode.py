@@ -353,11 +353,12 @@ def test_losing_a_node_mid_sampling_redoes_its_classes_byte_identically(ray_clus
 
 
 def _imagenet_shaped(store, tmp_path, classes=1000):
-    """A generated ImageFolder of ``classes`` wnid-named classes (2 train, 1 val image of 8 px each)
-    and a teacher given by path; returns (train, val, teacher) URIs."""
+    """A generated ImageFolder of ``classes`` wnid-named classes (2 train, 1 val image of 8 px each),
+    a DiT backbone and a teacher given by path, as an ImageNet user brings DiT-XL/2 and a
+    pretrained classifier in their bucket; returns (train, val, backbone, teacher) URIs."""
     import s3fs
     import torch
-    from helpers import png
+    from helpers import png, tiny_dit
     from safetensors.numpy import save
 
     from mmdist.models import classifiers
@@ -378,25 +379,30 @@ def _imagenet_shaped(store, tmp_path, classes=1000):
     root = f"{bucket}/in1k/teacher".removeprefix("s3://")
     fs.pipe(f"{root}/model.safetensors", save(weights))
     fs.pipe(f"{root}/manifest.json", b'{"kind": "teacher", "arch": "tiny", "test_acc": 0.0, "resolution": 8}')
-    return f"{bucket}/in1k/train", f"{bucket}/in1k/val", f"s3://{root}"
+    backbone = f"{bucket}/in1k/backbone".removeprefix("s3://")
+    fs.put(tiny_dit(str(tmp_path / "backbone"), classes=classes, size=8, channels=3), backbone, recursive=True)
+    return f"{bucket}/in1k/train", f"{bucket}/in1k/val", f"s3://{backbone}", f"s3://{root}"
 
 
 def test_imagenet1k_shaped_rehearsal_runs_every_stage_at_1000_classes(two_nodes, store, tmp_path):
-    """1000 classes through encode, pretrain, fine-tune (2 workers, 1000-class memories; batches of
-    256 so that step 2 meets classes step 1 put in memory: rows are i.i.d., 2 per class), sampling
-    (1000-class fan-out) and soft-label evaluation from a teacher given by path."""
-    train, val, teacher = _imagenet_shaped(store, tmp_path)
+    """1000 classes through encode, fine-tune of a 1000-class backbone given by path on S3 (2
+    workers, 1000-class memories; batches of 256 so that step 2 meets classes step 1 put in
+    memory: rows are i.i.d., 2 per class), sampling (1000-class fan-out) and soft-label
+    evaluation from a teacher given by path. Pretraining is left out as ImageNet users leave it
+    (they bring DiT-XL/2); a 1000-class pretrain is the same Ray Train loop without the memories."""
+    train, val, backbone, teacher = _imagenet_shaped(store, tmp_path)
     out = f"{store[0]}/in1k/run"
     args = [f"output={out}", "data.source=imagefolder", f"data.train={train}", f"data.test={val}",
             "data.classes=null", "data.max_per_class=null", "data.image_size=8", "data.channels=3",
-            "encode.shard_rows=256", "finetune.num_workers=2", "finetune.global_batch_size=256",
+            "encode.shard_rows=256", f"finetune.backbone={backbone}", "finetune.num_workers=2",
+            "finetune.global_batch_size=256",
             "sample.ipc=1", "sample.steps=2", "sample.batch_size=1",
             "sample.baseline=false", "evaluate.protocol=soft", f"evaluate.teacher={teacher}", "evaluate.archs=[tiny]",
             "evaluate.methods=[minimax]", "evaluate.ipcs=[1]", "evaluate.seeds=[0]", "evaluate.epochs=1"]
     status, logs, cli = submit(two_nodes, "rehearsal-1000", args, timeout=1800)
     assert status == "SUCCEEDED", f"{cli.stderr[-2000:]}\n{logs[-4000:]}"
     walls = {}
-    for stage, folder in (("encode", "latents"), ("pretrain", "pretrain"), ("finetune", "finetune/minimax"),
+    for stage, folder in (("encode", "latents"), ("finetune", "finetune/minimax"),
                           ("sample", "samples"), ("evaluate", "eval")):
         m = read_json_s3(f"{out}/{folder}/manifest.json")
         walls[stage] = m["wall_seconds"]
@@ -404,6 +410,7 @@ def test_imagenet1k_shaped_rehearsal_runs_every_stage_at_1000_classes(two_nodes,
             assert len(m["classes"]) == 1000 and m["rows"] == 2000
         if stage == "finetune":
             assert m["num_workers"] == 2 and m["history"][-1]["minimax_classes"] >= 1
+            assert m["backbone"] == backbone
         if stage == "sample":
             assert len(m["classes"]) == 1000
         if stage == "evaluate":

@@ -1,4 +1,5 @@
-"""Object storage end to end: ImageFolder on s3:// -> encode to s3:// -> fine-tune streaming from s3://."""
+"""Object storage end to end: ImageFolder on s3:// -> encode to s3:// -> fine-tune streaming from s3://
+-> sample to s3://."""
 
 import os
 
@@ -6,7 +7,7 @@ import numpy as np
 from conftest import smoke_config
 from helpers import image_folder, tiny_dit
 
-from mmdist import encode, finetune, schema, shards, storage
+from mmdist import encode, finetune, sample, schema, shards, storage
 from mmdist.distributed import local_folder
 from mmdist.models import diffusion
 
@@ -42,3 +43,12 @@ def test_encode_to_s3_and_finetune_from_it(ray_cluster, bucket, tmp_path):
     assert storage.listdir(f"{bucket}/run/finetune/minimax/ray")  # Ray Train checkpoints went to S3 too
     model = diffusion.load_dit(local_folder(f"{bucket}/run/finetune/minimax/model_ema"))
     assert diffusion.num_classes_of(model) == 2
+
+    # sampling on S3: a class folder absent at the start is written without a listing; one that an
+    # earlier, larger run left images in is still cut to IPC
+    storage.write_bytes(f"{bucket}/run/samples/minimax/images/dog/00009.png", b"an earlier run's image")
+    assert "minimax" in sample.main(cfg)["variants"]
+    ipc = cfg.sample.ipc
+    assert storage.read_json(f"{bucket}/run/samples/minimax/{schema.MANIFEST}")["counts"] == {"cat": ipc, "dog": ipc}
+    for name in ("cat", "dog"):
+        assert storage.listdir(f"{bucket}/run/samples/minimax/images/{name}") == [f"{k:05d}.png" for k in range(ipc)]

@@ -75,6 +75,17 @@ def test_s3_round_trip(bucket):
     assert not storage.exists(uri)
 
 
+def test_listdir_sees_what_another_process_wrote_after_a_listing_of_the_parent(bucket):
+    import s3fs
+
+    storage.write_bytes(f"{bucket}/p/a/0.bin", b"0")
+    assert storage.listdir(f"{bucket}/p") == ["a"]  # s3fs caches this listing
+    other = s3fs.S3FileSystem(skip_instance_cache=True)  # another process's client
+    other.pipe(f"{bucket}/p/b/1.bin".removeprefix("s3://"), b"1")
+    assert storage.listdir(f"{bucket}/p/b") == ["1.bin"]
+    assert storage.listdir(f"{bucket}/p") == ["a", "b"]
+
+
 def test_read_many_keeps_the_order_and_puts_each_error_in_its_place(bucket, tmp_path):
     for root in (bucket, str(tmp_path)):
         uris = [f"{root}/many/{i:03d}.bin" for i in range(40)]

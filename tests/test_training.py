@@ -155,3 +155,29 @@ def test_a_short_pretrains_ema_samples_its_classes_not_noise():
     assert m0 < -0.3 and m1 > 0.3 and s0 < 0.3 and s1 < 0.3, (m0, s0, m1, s1)
     (n0, t0), (n1, t1) = class_means(_two_class_pretrain(warmup=False))
     assert not (n0 < -0.3 and n1 > 0.3 and t0 < 0.3 and t1 < 0.3), (n0, t0, n1, t1)
+
+
+def test_epoch_cache_deals_every_kept_row_once_per_epoch_in_a_seeded_order():
+    from mmdist.training import EpochCache
+
+    rows = {"x": torch.arange(22.0)[:, None].repeat(1, 3), "label": torch.arange(22) % 5}
+    batches = [{k: v[i:i + 8] for k, v in rows.items()} for i in range(0, 22, 8)]  # 8, 8, 6 rows
+    cache = EpochCache(budget_bytes=10_000)
+    for b in batches:
+        cache.add(b)
+    assert not cache.ready  # only once the first epoch was read to its end
+    cache.epoch_done()
+    assert cache.ready
+    one = list(cache.batches(4, seed=1))
+    assert [len(b["x"]) for b in one] == [4] * 5  # 22 rows: five full batches, the rest dropped
+    seen = torch.cat([b["x"][:, 0] for b in one]).long()
+    assert len(set(seen.tolist())) == 20 and all(b["label"].tolist() == (b["x"][:, 0].long() % 5).tolist() for b in one)
+    again = torch.cat([b["x"][:, 0] for b in cache.batches(4, seed=1)])
+    other = torch.cat([b["x"][:, 0] for b in cache.batches(4, seed=2)])
+    assert torch.equal(again.long(), seen) and not torch.equal(other.long(), seen)
+
+    small = EpochCache(budget_bytes=200)  # 22 rows of 3 float32 + an int64 label: over budget
+    for b in batches:
+        small.add(b)
+    small.epoch_done()
+    assert not small.ready and small.parts == []
