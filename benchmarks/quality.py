@@ -2,6 +2,8 @@
 
     python benchmarks/quality.py [--quick] [--root runs/quality]  ->  benchmarks/results/quality.json
     python benchmarks/quality.py --cpu                             ->  benchmarks/results/quality.cpu.json
+    python benchmarks/quality.py --cpu --probe NAME --rows minimax,finetune --set KEY=VALUE ...
+                                            ->  benchmarks/results/quality.probe-NAME.json
 
 ``--cpu`` is the part that fits about an hour of a 2-core machine: hard labels, IPC 10, the rows
 that isolate the method (diffusion, finetune, minimax, minimax+select, random), 3 seeds, 100
@@ -21,6 +23,11 @@ k of class c, same evaluation seeds):
 - ``full``: the whole train split, once (the ceiling);
 - diagnostics of every generated set: teacher fidelity and precision / recall / density /
   coverage against real train images (``mmdist.diagnostics``).
+
+``--probe`` reruns some rows under changed settings (``--set``: config overrides) in
+``<root>/probe-NAME``, sharing the latents and the teacher, and pairs them per seed with the
+rows of the ``--cpu`` run in the same root (same evaluation seeds and sampler noise; the changed
+fine-tuning is the only difference).
 
 Every stage is an mmdist artifact under ``--root``: an interrupted run resumes and finished
 trials are not redone. The evaluation trains for ``P["epochs"]``, fewer than the recipes'
@@ -84,14 +91,14 @@ def linked(cfg: object, root: str, name: str, stages: tuple[str, ...], **section
     return dataclasses.replace(cfg, output=out, **fields)
 
 
-def paired(trials: list[dict], run: str) -> list[dict]:
+def paired(trials: list[dict], run: str, pairs: tuple = PAIRS) -> list[dict]:
     """Per-seed differences of best accuracy between rows that share evaluation seeds (and, for the
     generated rows, fine-tuning batches and sampler noise): mean, std and how many seeds favour a."""
     import numpy as np
 
     acc = {(t["method"], t["arch"], t["ipc"], t["seed"]): t["best_acc"] for t in trials}
     out = []
-    for a, b in PAIRS:
+    for a, b in pairs:
         for arch, ipc in sorted({(k[1], k[2]) for k in acc if k[0] == a}):
             seeds = sorted(k[3] for k in acc if k[:3] == (a, arch, ipc) and (b, arch, ipc, k[3]) in acc)
             if not seeds:
@@ -104,18 +111,63 @@ def paired(trials: list[dict], run: str) -> list[dict]:
     return out
 
 
+def probe(args: object, p: dict, root: str, facts: dict) -> None:
+    """``args.rows`` under the ``args.set`` overrides, paired per seed with the base run's trials."""
+    import glob
+    import json
+
+    from mmdist import run
+    from mmdist.config import apply_overrides
+
+    base = base_config(root, p)
+    rows = tuple(args.rows.split(","))
+    trials = [json.load(open(f)) for f in glob.glob(os.path.join(base.output, "eval", "trials", "*.json"))]
+    if not trials:
+        raise SystemExit(f"--probe pairs with a finished base run: none under {base.output} (run --cpu first)")
+    changed = apply_overrides(base, [*args.set, f"evaluate.methods=[{args.rows}]",
+                                     f"sample.baseline={str('diffusion' in rows).lower()}"])
+    cfg = linked(changed, root, f"probe-{args.probe}", ("latents", "teacher"))
+    common.start_ray(num_cpus=os.cpu_count() or 2)
+    with common.Stopwatch() as sw:
+        result = run.main(cfg)["evaluate"]
+    common.stop_ray()
+    # the probe's rows against the base's other rows, then each probe row against its base self
+    pairs = [d for d in paired([*[t for t in trials if t["method"] not in rows],
+                                *[t for t in result["trials"] if t["method"] in rows]], f"probe-{args.probe}")
+             if d["a"] in rows]
+    renamed = [{**t, "method": "base " + t["method"]} for t in trials if t["method"] in rows]
+    for m in rows:
+        pairs += paired([*renamed, *[t for t in result["trials"] if t["method"] == m]], f"probe-{args.probe}",
+                        ((m, "base " + m),))
+    common.write_json(args.out, common.rnd({
+        "probe": args.probe, "overrides": list(args.set), "rows": result["rows"],
+        "diagnostics": result.get("diagnostics", []), "paired_with_base": pairs, "base": base.output,
+        "wall_seconds": round(sw.seconds, 1), "machine": common.finish_facts(facts)}))
+    print(result["table_markdown"])
+    for d in pairs:
+        print(f"  {d['a']} (probe) - {d['b']}: {d['mean']:+.2f} ± {d['std']} "
+              f"({d['a_wins']}/{len(d['seeds'])} seeds) {d['a_minus_b']}")
+
+
 def main() -> None:
     """Fine-tune every variant, sample at IPC 10 and 50, evaluate the grids, write JSON."""
-    def cpu_flag(parser):
+    def options(parser):
         parser.add_argument("--cpu", action="store_true", help="the hour-long part (see above)")
+        parser.add_argument("--probe", default=None, help="name of a probe: some rows under --set overrides")
+        parser.add_argument("--rows", default="minimax,finetune", help="the probe's rows (methods), comma-separated")
+        parser.add_argument("--set", nargs="*", default=[], help="the probe's config overrides, KEY=VALUE")
 
-    args = common.parse_args(__doc__, "quality", root=True, extra=cpu_flag)
-    if args.cpu and not args.quick and args.out.endswith("quality.json"):
+    args = common.parse_args(__doc__, "quality", root=True, extra=options)
+    if args.probe and args.out.endswith(("quality.json", "quality.quick.json")):
+        args.out = args.out.replace("quality.", f"quality.probe-{args.probe}.")
+    elif args.cpu and not args.quick and args.out.endswith("quality.json"):
         args.out = args.out.replace("quality.json", "quality.cpu.json")
     p = QUICK if args.quick else CPU if args.cpu else FULL
     root = os.path.abspath(args.root or ("runs/quality-quick" if args.quick else "runs/quality"))
     facts = common.machine_facts()
     common.set_torch_threads(1)
+    if args.probe:
+        return probe(args, p, root, facts)
     from mmdist import run
 
     common.start_ray(num_cpus=os.cpu_count() or 2)

@@ -358,8 +358,10 @@ def fit(cfg: Config, stage: str, fp: str, folder: str | None = None, labels: lis
     # read tasks ask for a quarter CPU: at the default 1 CPU they starve behind the workers on a
     # small machine and training hangs silently (docs/ray-notes.md)
     # seeded file shuffle + preserved order: the same config gives the same batches (determinism)
-    dataset = ray.data.read_parquet(paths, filesystem=fs, columns=columns, num_cpus=0.25,
-                                    shuffle=ray.data.FileShuffleConfig(seed=derive_seed(tcfg.seed, stage, "files")))
+    # (select_columns is pushed down into the Parquet read: the other columns are never fetched)
+    dataset = ray.data.read_parquet(paths, filesystem=fs, num_cpus=0.25,
+                                    shuffle=ray.data.FileShuffleConfig(seed=derive_seed(tcfg.seed, stage, "files"))
+                                    ).select_columns(columns)
     if labels is not None:
         from mmdist import phases
 
