@@ -26,8 +26,8 @@ k of class c, same evaluation seeds):
 
 ``--probe`` reruns some rows under changed settings (``--set``: config overrides) in
 ``<root>/probe-NAME``, sharing the latents and the teacher, and pairs them per seed with the
-rows of the ``--cpu`` run in the same root (same evaluation seeds and sampler noise; the changed
-fine-tuning is the only difference).
+rows of the ``--cpu`` run in the same root (same evaluation seeds and sampler noise; the
+overrides are the only difference).
 
 Every stage is an mmdist artifact under ``--root``: an interrupted run resumes and finished
 trials are not redone. The evaluation trains for ``P["epochs"]``, fewer than the recipes'

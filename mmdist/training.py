@@ -158,17 +158,14 @@ def train_step(state: TrainState, ctx: StepContext, mean: torch.Tensor, std: tor
     return metrics
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: safetensors + JSON
-# ----------------------------------------------------------------------------------------------
-
 class EpochCache:
     """The rows one worker saw in its first epoch, kept in memory when they fit ``budget_bytes``,
     and dealt again in a new seeded order every later epoch.
 
     Why: each epoch of a streaming read starts Ray Data's executor and read tasks anew, seconds
     that dominate when an epoch is a few steps (a user's small ImageFolder, a class phase, a
-    laptop): measured 3-5 steps/s streaming vs 23-38 from memory on a 2-core machine. A data set
+    laptop): tests/test_own_data.py, which pretrains 400 steps on 150 glyph images per class,
+    took 205 s streaming every epoch and 129 s with this cache on a 2-core machine. A data set
     over the budget (ImageNet's latents) is never cached and keeps streaming; the decision
     depends only on the row count, which Ray Data's equal split makes the same on every rank, so
     DDP ranks always take the same number of steps.
@@ -211,6 +208,10 @@ class EpochCache:
             idx = order[i:i + batch_size].to(next(iter(self.rows.values())).device)
             yield {k: v[idx] for k, v in self.rows.items()}
 
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: safetensors + JSON
+# ----------------------------------------------------------------------------------------------
 
 STATE_FILE = "state.safetensors"
 META_FILE = "meta.json"
