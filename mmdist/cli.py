@@ -142,11 +142,28 @@ def main(argv: list[str] | None = None, base: Config | None = None, stages: tupl
               file=sys.stderr)
         return 130
     except Exception as e:  # one clear line for what the user can fix; a traceback for our bugs
+        if _interrupted(e):
+            print("mmdist: interrupted; finished shards, checkpoints and classes are kept — rerun to resume",
+                  file=sys.stderr)
+            return 130
         line = error_line(e)
         if line is None:
             raise
         print(f"mmdist: error: {line}", file=sys.stderr)
         return 2
+
+
+def _interrupted(e: BaseException) -> bool:
+    """Whether a Ctrl-C started this exception: a library that was starting a thread when the
+    KeyboardInterrupt arrived can raise another error while handling it (Ray Data's read_parquet:
+    "cannot join thread before it is started"), with the interrupt as its context."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def entry() -> None:

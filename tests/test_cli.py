@@ -136,3 +136,26 @@ def test_errors_from_ray_tasks_data_udfs_and_train_workers_reach_the_user_as_our
     assert error_line(raised.value) == "bad block"  # Ray Data appends retry advice on more lines
     assert error_line(WorkerGroupError("rank 0 failed", {0: DataError("bad step")})) == "bad step"
     assert error_line(RuntimeError("a bug of ours")) is None  # a traceback, not a one-liner
+
+
+def test_an_error_raised_while_handling_a_ctrl_c_ends_as_an_interrupt(monkeypatch, capsys):
+    """A Ctrl-C that lands while a library starts a thread can surface as another error with the
+    KeyboardInterrupt as its context (seen in Ray Data's read_parquet): still status 130, our line."""
+    from mmdist import cli, plan
+
+    def interrupted_inside_a_library(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("cannot join thread before it is started")  # noqa: B904 (as the library does)
+
+    monkeypatch.setattr(plan, "main", interrupted_inside_a_library)
+    assert cli.main(["plan", "--smoke"]) == 130
+    assert "mmdist: interrupted" in capsys.readouterr().err
+
+    def a_plain_bug(*args, **kwargs):
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(plan, "main", a_plain_bug)
+    with pytest.raises(RuntimeError, match="a bug of ours"):  # not an interrupt: the traceback stays
+        cli.main(["plan", "--smoke"])
