@@ -332,9 +332,10 @@ def _sample_variant(cfg: Config, variant: str, model: ModelRef | dict[int, Model
     markers = {}
     # one listing and concurrent reads, not a request per class: 1000 classes on object storage
     listed = set(storage.listdir(storage.join(folder, "classes")))
-    names = {lab: f"{storage.safe_name(latents['classes'][lab])}.json" for lab in labels}
-    present = [lab for lab in labels if names[lab] in listed]
-    for lab, data in zip(present, storage.read_many([storage.join(folder, "classes", names[lab]) for lab in present])):
+    safe = {lab: storage.safe_name(latents["classes"][lab]) for lab in labels}
+    present = [lab for lab in labels if f"{safe[lab]}.json" in listed]
+    for lab, data in zip(present, storage.read_many([storage.join(folder, "classes", f"{safe[lab]}.json")
+                                                     for lab in present])):
         try:
             m = json.loads(data)
         except (TypeError, ValueError):  # unreadable or damaged: the class is sampled again
@@ -361,7 +362,7 @@ def _sample_variant(cfg: Config, variant: str, model: ModelRef | dict[int, Model
             with tqdm(total=len(todo), desc=f"sample {variant}", unit="class") as bar:
                 for marker in ray_work.elastic_map(
                         actors, lambda a, lab: a.sample_class.remote(
-                            lab, refs.get(lab), storage.safe_name(latents["classes"][lab]) not in had_images), todo):
+                            lab, refs.get(lab), safe[lab] not in had_images), todo):
                     markers[marker["label"]] = marker
                     bar.update()
         finally:
