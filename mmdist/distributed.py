@@ -25,13 +25,13 @@ import torch
 from mmdist import artifacts, schema, storage, tracking, training
 from mmdist.config import Config, TrainConfig
 from mmdist.errors import ArtifactError, DataError
+from mmdist.model_folders import backbone_ref, backbone_source, model_config, put_folder
 from mmdist.models import diffusion
 from mmdist.models.gaussian_diffusion import GaussianDiffusion
 from mmdist.models.minimax import MinimaxObjective, SingleProcess
 from mmdist.seeding import derive_seed
 
 log = logging.getLogger("mmdist")
-EMBEDDED_BACKBONE = os.path.join(os.path.dirname(__file__), "assets", "dit-fashion-mnist")
 # a worker's share of the latents up to this size is read once and kept (training.EpochCache):
 # Fashion-MNIST's 60k latents are 188 MB; ImageNet-1K's (21 GB) stream every epoch
 EPOCH_CACHE_BYTES = 1 << 30
@@ -61,80 +61,6 @@ class TorchCollective:
 # ----------------------------------------------------------------------------------------------
 # Model construction, shared by the workers and the driver's export
 # ----------------------------------------------------------------------------------------------
-
-
-def local_folder(uri: str) -> str:
-    """A local copy of a model folder on object storage; local paths pass through.
-
-    The copy is keyed by the folder's content as listed now (every file's ETag, else its size and
-    modification time), never by the URI alone: a folder rewritten in place (``finetune
-    --overwrite``) gets a fresh copy instead of the old weights. Each node makes its own copy.
-    """
-    if not storage.is_remote(uri):
-        return uri
-    import hashlib
-    import json
-    import posixpath
-
-    fs, path = storage.filesystem(uri)
-    root = path.rstrip("/")
-    fs.invalidate_cache(root)  # a listing cached by this process may predate an overwrite
-    listing = fs.find(root, detail=True)
-    files = sorted((posixpath.relpath(name, root), _version(entry)) for name, entry in listing.items())
-    if not any(name == "config.json" for name, _ in files):
-        raise ArtifactError(f"{uri}: no config.json (not a model folder written by save_pretrained)")
-    key = hashlib.sha256(json.dumps([uri, files]).encode()).hexdigest()[:20]
-    target = os.path.join(os.path.expanduser("~"), ".cache", "mmdist", "models", key)
-    if not os.path.isdir(target):
-        tmp = f"{target}.tmp-{os.getpid()}"
-        for name, _ in files:
-            os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
-            fs.get_file(f"{root}/{name}", os.path.join(tmp, name))
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process on this node published the same content first
-            storage.remove(tmp)
-    return target
-
-
-def _version(entry: dict[str, Any]) -> str:
-    """What identifies a stored file's content: ETag (S3), hash (GCS), else size and mtime."""
-    for k in ("ETag", "etag", "md5Hash", "crc32c"):
-        if entry.get(k):
-            return str(entry[k])
-    return f"{entry.get('size')}-{entry.get('LastModified') or entry.get('mtime') or entry.get('updated')}"
-
-
-def backbone_ref(cfg: Config) -> tuple[str, str | None]:
-    """The backbone as any node can name it: 'embedded', the pretrain output's URI, a hub id or a URI."""
-    b = cfg.finetune.backbone
-    if b == "pretrain":
-        folder = artifacts.stage_dir(cfg, "pretrain")
-        artifacts.require(folder, "pretrain")
-        return storage.join(folder, "model_ema"), None
-    return b, cfg.finetune.backbone_subfolder
-
-
-def resolve(ref: str, subfolder: str | None = None) -> tuple[str, str | None]:
-    """Where *this* process loads a model from: the packaged embedded DiT, this node's copy of a
-    remote folder, or the hub id / local folder as given (with its subfolder)."""
-    if ref == "embedded":
-        return EMBEDDED_BACKBONE, None
-    if storage.is_remote(ref):
-        return local_folder(storage.join(ref, subfolder) if subfolder else ref), None
-    return ref, subfolder
-
-
-def model_config(ref: str, subfolder: str | None = None) -> dict[str, Any]:
-    """A DiT's config.json without its weights (read in place on object storage)."""
-    if storage.is_remote(ref):
-        return storage.read_json(storage.join(ref, *([subfolder] if subfolder else []), "config.json"))
-    return diffusion.dit_config(*resolve(ref, subfolder))
-
-
-def backbone_source(cfg: Config) -> tuple[str, str | None]:
-    """(hub id or local folder, subfolder) of the backbone, as this process loads it."""
-    return resolve(*backbone_ref(cfg))
 
 
 def build_model(cfg: Config, stage: str, latents: dict[str, Any]) -> torch.nn.Module:
@@ -466,10 +392,3 @@ def export(cfg: Config, stage: str, latents: dict[str, Any], ckpt: str, folder: 
             put_folder(tmp, storage.join(folder, name))
     storage.write_json(storage.join(folder, "history.json"), meta["history"])
     return meta
-
-
-def put_folder(local: str, uri: str) -> None:
-    """Copy a local folder's files to ``uri`` (each file written atomically)."""
-    for name in sorted(os.listdir(local)):
-        with open(os.path.join(local, name), "rb") as f:
-            storage.write_bytes(storage.join(uri, name), f.read())

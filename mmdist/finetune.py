@@ -49,7 +49,7 @@ def adopt(cfg: Config, model_dir: str, method: str = "minimax", note: str = "") 
     For a model fine-tuned elsewhere (and for tests and benchmarks that need a stand-in): the
     sample stage then draws from it as from one this stage trained.
     """
-    from mmdist.distributed import put_folder
+    from mmdist.model_folders import put_folder
 
     latents = artifacts.require(artifacts.stage_dir(cfg, "encode"), "encode")
     vcfg = variant_config(cfg, method)

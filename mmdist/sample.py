@@ -44,7 +44,7 @@ class ClassSampler:
 
     def __init__(self, config: dict[str, Any], model: ModelRef | dict[int, ModelRef], folder: str,
                  latents: dict[str, Any], threads: int, fingerprint: str, center: np.ndarray | None = None):
-        from mmdist.distributed import resolve
+        from mmdist.model_folders import resolve
         from mmdist.models import diffusion
 
         self.cfg = Config.from_dict(config)
@@ -68,7 +68,7 @@ class ClassSampler:
 
     def _model_for(self, label: int) -> torch.nn.Module:
         """The DiT that samples class ``label`` (its phase's, loaded if it is not the one held)."""
-        from mmdist.distributed import resolve
+        from mmdist.model_folders import resolve
         from mmdist.models import diffusion
 
         ref = self.models.get(label, self.ref)
@@ -210,8 +210,8 @@ def variants(cfg: Config) -> dict[str, ModelRef | dict[int, ModelRef]]:
     """Variant name -> (model, subfolder) as any node names it: a fine-tuned variant's output URI, or
     the backbone ('embedded', the pretrain output, a hub id or a URI). Never a path on the driver.
     A variant fine-tuned in class phases maps each label to its phase's model instead."""
-    from mmdist.distributed import backbone_ref
     from mmdist.finetune import variant_dir
+    from mmdist.model_folders import backbone_ref
     from mmdist.phases import class_models
 
     out = {}
@@ -272,7 +272,7 @@ def main(cfg: Config) -> dict[str, Any]:
 
 def _check_model(variant: str, model: ModelRef, latents: dict[str, Any]) -> None:
     """Refuse a model that cannot sample the data set's classes at its latent shape (config only)."""
-    from mmdist.distributed import model_config
+    from mmdist.model_folders import model_config
 
     conf = model_config(*model)
     needed = max(latents["model_class_ids"]) + 1

@@ -13,7 +13,7 @@ def test_a_model_rewritten_in_place_gets_a_fresh_copy_not_the_cached_one(bucket,
     import s3fs
     from helpers import tiny_dit
 
-    from mmdist.distributed import local_folder
+    from mmdist.model_folders import local_folder
     from mmdist.models import diffusion
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # this "node's" cache
@@ -34,8 +34,8 @@ def test_a_model_rewritten_in_place_gets_a_fresh_copy_not_the_cached_one(bucket,
 def test_a_folder_without_config_is_refused(bucket):
     import s3fs
 
-    from mmdist.distributed import local_folder
     from mmdist.errors import ArtifactError
+    from mmdist.model_folders import local_folder
 
     s3fs.S3FileSystem().pipe(f"{bucket.removeprefix('s3://')}/empty/weights.bin", b"x")
     with pytest.raises(ArtifactError, match="no config.json"):

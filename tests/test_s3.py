@@ -8,7 +8,7 @@ from conftest import smoke_config
 from helpers import image_folder, tiny_dit
 
 from mmdist import encode, finetune, sample, schema, shards, storage
-from mmdist.distributed import local_folder
+from mmdist.model_folders import local_folder
 from mmdist.models import diffusion
 
 
