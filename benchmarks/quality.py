@@ -27,7 +27,8 @@ k of class c, same evaluation seeds):
 ``--probe`` reruns some rows under changed settings (``--set``: config overrides) in
 ``<root>/probe-NAME``, sharing the latents and the teacher, and pairs them per seed with the
 rows of the ``--cpu`` run in the same root (same evaluation seeds and sampler noise; the
-overrides are the only difference).
+overrides are the only difference). Without a finished ``--cpu`` run in the root the probe makes
+its own latents and teacher and pairs its rows with each other only.
 
 Every stage is an mmdist artifact under ``--root``: an interrupted run resumes and finished
 trials are not redone. The evaluation trains for ``P["epochs"]``, fewer than the recipes'
@@ -122,16 +123,18 @@ def probe(args: object, p: dict, root: str, facts: dict) -> None:
     base = base_config(root, p)
     rows = tuple(args.rows.split(","))
     trials = [json.load(open(f)) for f in glob.glob(os.path.join(base.output, "eval", "trials", "*.json"))]
-    if not trials:
-        raise SystemExit(f"--probe pairs with a finished base run: none under {base.output} (run --cpu first)")
     changed = apply_overrides(base, [*args.set, f"evaluate.methods=[{args.rows}]",
                                      f"sample.baseline={str('diffusion' in rows).lower()}"])
-    cfg = linked(changed, root, f"probe-{args.probe}", ("latents", "teacher"))
+    if trials:
+        cfg = linked(changed, root, f"probe-{args.probe}", ("latents", "teacher"))
+    else:  # no base run: the probe encodes and trains its teacher itself; its rows pair with each other
+        common.log.warning("no finished base run under %s: the probe's rows pair only with each other", base.output)
+        cfg = dataclasses.replace(changed, output=os.path.join(root, f"probe-{args.probe}"))
     common.start_ray(num_cpus=os.cpu_count() or 2)
     with common.Stopwatch() as sw:
         result = run.main(cfg)["evaluate"]
     common.stop_ray()
-    # the probe's rows against the base's other rows, then each probe row against its base self
+    # the probe's rows against each other and the base's other rows, then each against its base self
     pairs = [d for d in paired([*[t for t in trials if t["method"] not in rows],
                                 *[t for t in result["trials"] if t["method"] in rows]], f"probe-{args.probe}")
              if d["a"] in rows]
@@ -141,7 +144,8 @@ def probe(args: object, p: dict, root: str, facts: dict) -> None:
                         ((m, "base " + m),))
     common.write_json(args.out, common.rnd({
         "probe": args.probe, "overrides": list(args.set), "rows": result["rows"],
-        "diagnostics": result.get("diagnostics", []), "paired_with_base": pairs, "base": base.output,
+        "diagnostics": result.get("diagnostics", []), "paired_with_base": pairs,
+        "base": base.output if trials else None,
         "wall_seconds": round(sw.seconds, 1), "machine": common.finish_facts(facts)}))
     print(result["table_markdown"])
     for d in pairs:
