@@ -32,9 +32,6 @@ from mmdist.models.minimax import MinimaxObjective, SingleProcess
 from mmdist.seeding import derive_seed
 
 log = logging.getLogger("mmdist")
-# a worker's share of the latents up to this size is read once and kept (training.EpochCache):
-# Fashion-MNIST's 60k latents are 188 MB; ImageNet-1K's (21 GB) stream every epoch
-EPOCH_CACHE_BYTES = 1 << 30
 
 
 class TorchCollective:
@@ -151,7 +148,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     running: dict[str, list[float]] = {}
     tick = started = time.time()
     first = state.step
-    cache = training.EpochCache(EPOCH_CACHE_BYTES)
+    cache = training.EpochCache()
     while state.step < tcfg.steps:
         epoch_seed = derive_seed(tcfg.seed, stage, rank, "epoch", state.step) % 2**31
         batches = cache.batches(local_batch, epoch_seed) if cache.ready else shard.iter_torch_batches(

@@ -384,12 +384,15 @@ def _imagenet_shaped(store, tmp_path, classes=1000):
     return f"{bucket}/in1k/train", f"{bucket}/in1k/val", f"s3://{backbone}", f"s3://{root}"
 
 
-def test_imagenet1k_shaped_rehearsal_runs_every_stage_at_1000_classes(two_nodes, store, tmp_path):
+def test_imagenet1k_shaped_rehearsal_runs_every_stage_at_1000_classes_by_both_routes(two_nodes, store, tmp_path):
     """1000 classes through encode, fine-tune of a 1000-class backbone given by path on S3 (2
     workers, 1000-class memories; batches of 256 so that step 2 meets classes step 1 put in
     memory: rows are i.i.d., 2 per class), sampling (1000-class fan-out) and soft-label
     evaluation from a teacher given by path. Pretraining is left out as ImageNet users leave it
-    (they bring DiT-XL/2); a 1000-class pretrain is the same Ray Train loop without the memories."""
+    (they bring DiT-XL/2); a 1000-class pretrain is the same Ray Train loop without the memories.
+
+    Then the paper's route on the same latents: ``finetune.class_phases=500``, two phase models
+    trained at once, one per worker node, and each class sampled from its phase's model."""
     train, val, backbone, teacher = _imagenet_shaped(store, tmp_path)
     out = f"{store[0]}/in1k/run"
     args = [f"output={out}", "data.source=imagefolder", f"data.train={train}", f"data.test={val}",
@@ -415,5 +418,33 @@ def test_imagenet1k_shaped_rehearsal_runs_every_stage_at_1000_classes(two_nodes,
             assert len(m["classes"]) == 1000
         if stage == "evaluate":
             assert m["rows"][0]["protocol"] == "soft" and m["rows"][0]["n"] == 1
+
+    # the official route: phases of 500 classes, each its own 1-worker Ray Train run of 2 CPUs, so
+    # a 3-CPU worker node holds one and the two run at once on the two nodes
+    phased = f"{store[0]}/in1k/phases"
+    route = [f"output={phased}", f"latents={out}/latents", *args[1:], "finetune.class_phases=500",
+             "finetune.num_workers=1", "finetune.cpus_per_worker=2"]
+    for stage in ("finetune", "sample"):
+        status, logs, cli = submit(two_nodes, f"rehearsal-phases-{stage}", [stage, "--smoke", *route],
+                                   module="mmdist", timeout=1800)
+        assert status == "SUCCEEDED", f"{cli.stderr[-2000:]}\n{logs[-4000:]}"
+        if stage == "finetune":
+            assert "2 of 2 phases of 500 classes to train, 2 at a time" in logs
+            groups = train_worker_groups(two_nodes, job_hex_id(two_nodes, "rehearsal-phases-finetune"))
+            assert sorted(map(len, groups)) == [1, 1], groups
+            assert {g[0] for g in groups} == {n.ip for n in two_nodes.workers}  # one phase per worker node
+    variant = read_json_s3(f"{phased}/finetune/minimax/manifest.json")
+    assert [p["labels"] for p in variant["phases"]] == [list(range(500)), list(range(500, 1000))]
+    for p in (0, 1):
+        m = read_json_s3(f"{phased}/finetune/minimax/phases/{p}/manifest.json")
+        assert m["num_workers"] == 1 and m["backbone"] == backbone and len(m["classes"]) == 500
+        assert m["history"][-1]["minimax_classes"] >= 1
+    walls["finetune (phases)"] = variant["wall_seconds"]
+    drawn = read_json_s3(f"{phased}/samples/manifest.json")
+    assert len(drawn["classes"]) == 1000
+    walls["sample (phases)"] = drawn["wall_seconds"]
+    for label, p in ((0, 0), (499, 0), (500, 1), (999, 1)):
+        marker = read_json_s3(f"{phased}/samples/minimax/classes/n{label:08d}.json")
+        assert marker["model"] == f"{phased}/finetune/minimax/phases/{p}/model_ema" and marker["count"] == 1
     (tmp_path / "walls.json").write_text(json.dumps(walls))  # for docs/scaling.md: pytest keeps tmp_path
     print("rehearsal wall seconds per stage:", walls)
