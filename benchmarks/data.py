@@ -161,7 +161,7 @@ def finetune_config(tmp: str, p: dict) -> object:
                              checkpoint_every=p["ft_steps"], global_batch_size=p["ft_batch"], num_workers=1)
     return absolute_paths(dataclasses.replace(
         base, name="bench-data-s3", output=os.path.join(tmp, "unused"),
-        latents=os.path.join(tmp, "fm-latents"),
+        latents=os.path.join(tmp, "fm-latents"), preview_every=0,  # what is timed is streaming only
         data=DataConfig(train=FMNIST, max_per_class=p["ft_per_class"], download=False),
         encode=EncodeConfig(shard_rows=p["ft_shard_rows"]), finetune=ft))
 

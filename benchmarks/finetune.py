@@ -9,7 +9,8 @@ whole 60,000-image train split in full mode, as the default job, so no run wraps
 DiT of the ``fashion-mnist`` size (6 layers, 4 heads x 32, patch 4, learned sigma) saved with
 ``save_dit`` as the backbone; the default fine-tune section otherwise (DiffFit parameters,
 minimax terms on with memory 64 and dataset-mean centring, label dropout, EMA, hflip), global
-batch 64, checkpoint only at the last step.
+batch 64, checkpoint only at the last step, no preview grids (``preview_every=0``: the plain loop
+draws none).
 
 ``ray_over_plain`` (time ratio, lower is better, goal <= 1.10) -- THE KEY FIGURE
     End-to-end seconds per step of ``mmdist.finetune.main`` with 1 Ray Train worker (1/the
@@ -60,8 +61,10 @@ def make_config(tmp: str, p: dict) -> object:
     base = Config()
     ft = dataclasses.replace(base.finetune, steps=p["steps"], log_every=p["log_every"],
                              checkpoint_every=p["steps"], global_batch_size=p["batch"], num_workers=1)
+    # no preview grids: the plain loop draws none (a grid at step 100 took ~15 s of the Ray run)
     return absolute_paths(dataclasses.replace(
         base, name="bench-finetune", output=os.path.join(tmp, "run"), latents=os.path.join(tmp, "latents"),
+        preview_every=0,
         data=DataConfig(train=FMNIST, max_per_class=p["per_class"], download=False),
         encode=EncodeConfig(shard_rows=p["shard_rows"]), finetune=ft))
 
