@@ -143,3 +143,36 @@ def test_identity_encoder_round_trips_pixels_exactly():
     mean, std = enc.encode(x)
     assert std is None and mean.min() == -1 and mean.max() == 1
     assert torch.equal(enc.decode(mean), x)
+
+
+RACE = """
+import threading
+names = ["DiTTransformer2DModel", "AutoencoderKL"] * 3
+start, errors = threading.Barrier(len(names)), []
+def load(name):
+    start.wait()
+    try:
+        from mmdist.models import diffusion
+        diffusion._diffusers(name)
+    except Exception as e:  # without the lock: ImportError or AttributeError, 'cannot import name' / 'no attribute'
+        errors.append(repr(e))
+threads = [threading.Thread(target=load, args=(n,)) for n in names]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+assert not errors, errors
+"""
+
+
+def test_diffusers_imported_from_several_threads_at_once_in_a_fresh_process():
+    """The phases of finetune.class_phases export side by side from the driver's threads; diffusers'
+    lazy module, imported for the first time by two threads at once, raised "cannot import name
+    'DiTTransformer2DModel'" in a 2-node CI run. Each try is a fresh interpreter whose threads
+    import it all at once (without the lock every try here failed)."""
+    import subprocess
+    import sys
+
+    for _ in range(2):
+        run = subprocess.run([sys.executable, "-c", RACE], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,6 +23,20 @@ import torch
 from torch import nn
 
 from mmdist.errors import ArtifactError
+
+_DIFFUSERS_IMPORT = threading.Lock()
+
+
+def _diffusers(*names: str) -> tuple[type, ...]:
+    """Classes from diffusers' top level, imported under a lock. Its lazy module is not safe for
+    threads: two threads importing it for the first time at once (the phases of
+    ``finetune.class_phases``, exported side by side from the driver's threads) can get
+    "ImportError: cannot import name 'DiTTransformer2DModel' from 'diffusers'"."""
+    with _DIFFUSERS_IMPORT:
+        import diffusers
+
+        return tuple(getattr(diffusers, name) for name in names)
+
 
 # ----------------------------------------------------------------------------------------------
 # DiT sizes (registry; tests use only "tiny")
@@ -53,7 +68,7 @@ DIT_SIZES: dict[str, DiTSize] = {
 def create_dit(size: str, *, sample_size: int, in_channels: int, num_classes: int,
                learn_sigma: bool = True) -> nn.Module:
     """A randomly initialised class-conditional DiT (initialised as in the DiT paper)."""
-    from diffusers import DiTTransformer2DModel
+    (DiTTransformer2DModel,) = _diffusers("DiTTransformer2DModel")
 
     if size not in DIT_SIZES:
         raise KeyError(f"unknown DiT size {size!r}; choose from {sorted(DIT_SIZES)}")
@@ -95,7 +110,7 @@ def _dit_init(model: nn.Module) -> None:
 
 def load_dit(path_or_id: str, subfolder: str | None = None) -> nn.Module:
     """Load a DiTTransformer2DModel with ``from_pretrained`` (hub id or folder)."""
-    from diffusers import DiTTransformer2DModel
+    (DiTTransformer2DModel,) = _diffusers("DiTTransformer2DModel")
 
     kwargs = {"subfolder": subfolder} if subfolder else {}
     with _loading(path_or_id, subfolder):
@@ -268,7 +283,8 @@ def make_scheduler(name: str, learn_sigma: bool, steps: int) -> object:
     'ddpm' is the paper's sampler: ancestral DDPM with the learned variance, timesteps spaced
     as ADM's ``space_timesteps(1000, "50")`` (linspace over 0..999), no clipping of x0.
     """
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+    DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler = _diffusers(
+        "DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler")
 
     common = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                   prediction_type="epsilon", timestep_spacing="linspace")
@@ -292,7 +308,7 @@ def scheduler_uses_variance(name: str) -> bool:
 
 def load_vae(path_or_id: str, subfolder: str | None = None) -> nn.Module:
     """An AutoencoderKL via ``from_pretrained`` (hub id or folder), in eval mode."""
-    from diffusers import AutoencoderKL
+    (AutoencoderKL,) = _diffusers("AutoencoderKL")
 
     kwargs = {"subfolder": subfolder} if subfolder else {}
     with _loading(path_or_id, subfolder):
@@ -302,14 +318,14 @@ def load_vae(path_or_id: str, subfolder: str | None = None) -> nn.Module:
 
 def vae_config(path_or_id: str, subfolder: str | None = None) -> dict:
     """An AutoencoderKL's config without loading its weights."""
-    from diffusers import AutoencoderKL
+    (AutoencoderKL,) = _diffusers("AutoencoderKL")
 
     return dict(AutoencoderKL.load_config(path_or_id, subfolder=subfolder))
 
 
 def dit_config(path_or_id: str, subfolder: str | None = None) -> dict:
     """A DiTTransformer2DModel's config without loading its weights."""
-    from diffusers import DiTTransformer2DModel
+    (DiTTransformer2DModel,) = _diffusers("DiTTransformer2DModel")
 
     return dict(DiTTransformer2DModel.load_config(path_or_id, subfolder=subfolder))
 
