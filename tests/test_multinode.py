@@ -432,7 +432,9 @@ def test_imagenet1k_shaped_rehearsal_runs_every_stage_at_1000_classes_by_both_ro
             assert "2 of 2 phases of 500 classes to train, 2 at a time" in logs
             groups = train_worker_groups(two_nodes, job_hex_id(two_nodes, "rehearsal-phases-finetune"))
             assert sorted(map(len, groups)) == [1, 1], groups
-            assert {g[0] for g in groups} == {n.ip for n in two_nodes.workers}  # one phase per worker node
+            # one phase per worker node (earlier tests lose and replace nodes: compare with the live ones)
+            nodes = {g[0] for g in groups}
+            assert len(nodes) == 2 and nodes <= {n.ip for n in two_nodes.workers if n.alive}, groups
     variant = read_json_s3(f"{phased}/finetune/minimax/manifest.json")
     assert [p["labels"] for p in variant["phases"]] == [list(range(500)), list(range(500, 1000))]
     for p in (0, 1):
