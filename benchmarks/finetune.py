@@ -39,6 +39,11 @@ draws none).
     the timer holds the transfers and not one rank waiting for the other; divided by the 2-worker
     ``step_seconds`` above. ``allgather_share`` minus this is the ranks' skew.
 
+``allgather_packed_over_separate`` (time ratio, reported)
+    In the same 2 processes, after each objective call, the same tensors sent as five all-gathers
+    (labels, the two terms' per-class extrema, real and predicted embeddings: what the objective
+    sent before it packed them into one): the objective's one collective ÷ those five.
+
 Every history is aggregated over its log windows, leaving out the first (warm-up), weighted by
 steps. The plain loop runs before and after the 1-worker Ray run (A, Ray, B), and the two are
 pooled so a drift in the machine's load shows and partly cancels. ``ray.init`` (2 CPUs) is timed
@@ -197,22 +202,32 @@ def _allgather_worker(rank: int, shapes: dict, port: int, results: object) -> No
     comm = TorchCollective()
     obj = MinimaxObjective(shapes["classes"], shapes["dim"], **shapes["minimax"])
     g = torch.Generator().manual_seed(rank)
-    seconds = []
+    packed, separate = [], []
     for i in range(shapes["calls"]):
         labels = torch.randint(0, shapes["classes"], (shapes["local_batch"],), generator=g)
         pred, real = (torch.randn(shapes["local_batch"], shapes["dim"], generator=g) for _ in range(2))
         dist.barrier()
         comm.seconds = 0.0
         obj(pred.requires_grad_(), real, labels, comm)
-        if i >= shapes["calls"] // 4:  # the first quarter fills the memories
-            seconds.append(comm.seconds)
+        measured = i >= shapes["calls"] // 4  # the first quarter fills the memories
+        if measured:
+            packed.append(comm.seconds)
+        # the baseline: the same tensors as one collective each (labels, 2 extrema, 2 embeddings),
+        # what the objective sent before it packed them
+        dist.barrier()
+        comm.seconds = 0.0
+        for t in (labels, torch.zeros(shapes["classes"]), torch.zeros(shapes["classes"]), real, pred.detach()):
+            comm.all_gather(t)
+        if measured:
+            separate.append(comm.seconds)
     if rank == 0:
-        results.put(sum(seconds) / len(seconds))
+        results.put((sum(packed) / len(packed), sum(separate) / len(separate)))
     dist.destroy_process_group()
 
 
-def allgather_without_skew(cfg: object, latents: dict, local_batch: int, calls: int = 400) -> float:
-    """Seconds per step in the memories' all-gathers with the ranks in step (see the docstring)."""
+def allgather_without_skew(cfg: object, latents: dict, local_batch: int, calls: int = 400) -> tuple[float, float]:
+    """Seconds per step in the memories' all-gather with the ranks in step (see the docstring), and
+    in the same tensors sent as five separate all-gathers (the baseline)."""
     import math
     import socket
 
@@ -269,7 +284,7 @@ def main() -> None:
         common.log.info("Ray Train, 2 workers")
         ray2 = ray_run(cfg, os.path.join(tmp, "ray2"), backbone, 2)
         common.log.info("all-gathers alone, 2 gloo processes")
-        gather_alone = allgather_without_skew(cfg, latents, p["batch"] // 2)
+        gather_alone, gather_separate = allgather_without_skew(cfg, latents, p["batch"] // 2)
     finally:
         common.stop_ray()
         common.cleanup(tmp, args.keep)
@@ -282,6 +297,8 @@ def main() -> None:
         "allgather_share": common.ratio(ray2["allgather_seconds"], ray2["step_seconds"]),
         "allgather_seconds_without_skew": gather_alone,
         "allgather_share_without_skew": common.ratio(gather_alone, ray2["step_seconds"]),
+        "allgather_seconds_separate": gather_separate,
+        "allgather_packed_over_separate": common.ratio(gather_alone, gather_separate),
         "key": "ray_over_plain (end to end, from steps_per_second); "
                "ray_over_plain_step_seconds is train_step only",
         "quick": args.quick,
@@ -308,7 +325,8 @@ def main() -> None:
           f"step_seconds only: {result['ray_over_plain_step_seconds']:.3f}")
     print(f"allgather_share = {result['allgather_share']:.4f} (2 workers; goal <= 0.02); "
           f"without the ranks' skew: {result['allgather_share_without_skew']:.4f} "
-          f"({gather_alone * 1e3:.2f} ms per step)")
+          f"({gather_alone * 1e3:.2f} ms per step; the same tensors as five collectives: "
+          f"{gather_separate * 1e3:.2f} ms, packed/separate {result['allgather_packed_over_separate']:.2f})")
 
 
 if __name__ == "__main__":

@@ -137,6 +137,7 @@ class ThreadCollective:
 
     def all_gather(self, tensor):
         s = self.shared
+        s["calls"][self.rank] = s["calls"].get(self.rank, 0) + 1
         s["barrier"].wait()
         s["slots"][self.rank] = tensor.detach().clone() if not tensor.requires_grad else tensor.detach().clone()
         s["barrier"].wait()
@@ -145,11 +146,13 @@ class ThreadCollective:
         return out
 
 
-def test_ranks_with_all_gather_equal_one_process_with_the_global_batch():
+@pytest.mark.parametrize("lambdas", [(0.5, 0.5), (0.5, 0.0), (0.0, 0.5)], ids=["both", "rep", "div"])
+def test_ranks_with_all_gather_equal_one_process_with_the_global_batch(lambdas):
     """Memories identical on every rank; value equal; DDP-averaged gradient equals the global one."""
     world, steps, local = 2, 6, 5
     batches = list(_batches(steps, world * local, 3, 8, seed=3))
-    single = MinimaxObjective(3, 8, memory_size=4, lambda_rep=0.5, lambda_div=0.5, center=None)
+    lam_rep, lam_div = lambdas
+    single = MinimaxObjective(3, 8, memory_size=4, lambda_rep=lam_rep, lambda_div=lam_div, center=None)
     expected = []
     for labels, pred, real in batches:
         p = pred.flatten(1).clone().requires_grad_()
@@ -157,9 +160,9 @@ def test_ranks_with_all_gather_equal_one_process_with_the_global_batch():
         out.loss.backward()
         expected.append((out.loss.item(), p.grad.clone()))
 
-    shared = {"barrier": threading.Barrier(world), "slots": {}}
+    shared = {"barrier": threading.Barrier(world), "slots": {}, "calls": {}}
     results = {r: [] for r in range(world)}
-    objectives = {r: MinimaxObjective(3, 8, memory_size=4, lambda_rep=0.5, lambda_div=0.5, center=None)
+    objectives = {r: MinimaxObjective(3, 8, memory_size=4, lambda_rep=lam_rep, lambda_div=lam_div, center=None)
                   for r in range(world)}
 
     def rank_loop(r):
@@ -181,3 +184,5 @@ def test_ranks_with_all_gather_equal_one_process_with_the_global_batch():
     for mem in ("real", "pred"):
         a, b, s = (getattr(o, mem) for o in (objectives[0], objectives[1], single))
         assert torch.equal(a.buffer, b.buffer) and torch.equal(a.buffer, s.buffer)
+    # labels, both terms' extrema and both embeddings travel in one collective per step
+    assert shared["calls"] == {r: steps for r in range(world)}
