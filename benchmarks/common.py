@@ -280,6 +280,20 @@ def window_stats(history: list[dict[str, float]], skip: int = 1) -> dict[str, An
     return out
 
 
+def timed_finetune(run: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``mmdist.finetune.main(run)``; returns the minimax variant's manifest (it holds the history)
+    and ``window_stats`` of that history with ``wall_seconds`` and ``loadavg_before`` added."""
+    from mmdist import artifacts, finetune
+
+    load = loadavg()
+    start = time.perf_counter()
+    finetune.main(run)
+    manifest = artifacts.require(finetune.variant_dir(run, "minimax"), "finetune")
+    stats = window_stats(manifest["history"])
+    stats.update(wall_seconds=time.perf_counter() - start, loadavg_before=load)
+    return manifest, stats
+
+
 class Stopwatch:
     """``with Stopwatch() as sw: ...; sw.seconds`` (perf_counter wall time)."""
 

@@ -248,17 +248,9 @@ def upload(local: str, uri: str) -> int:
 
 def finetune_run(cfg: object, latents: str, output: str, backbone: str) -> dict:
     """``mmdist.finetune.main`` on the given latents; returns the history aggregated past window 1."""
-    from mmdist import artifacts, finetune
-
     ft = dataclasses.replace(cfg.finetune, backbone=backbone)
-    run = dataclasses.replace(cfg, output=output, latents=latents, finetune=ft)
-    load = common.loadavg()
-    start = time.perf_counter()
-    finetune.main(run)
-    manifest = artifacts.require(finetune.variant_dir(run, "minimax"), "finetune")  # the variant's, with history
-    out = common.window_stats(manifest["history"])
-    out.update(wall_seconds=time.perf_counter() - start, latents=latents, loadavg_before=load)
-    return out
+    _, out = common.timed_finetune(dataclasses.replace(cfg, output=output, latents=latents, finetune=ft))
+    return {**out, "latents": latents}
 
 
 def pool_runs(runs: list[dict]) -> dict:

@@ -174,17 +174,9 @@ def plain_loop(cfg: object, latents: dict, backbone: str, threads: int) -> dict:
 
 def ray_run(cfg: object, output: str, backbone: str, workers: int) -> dict:
     """``mmdist.finetune.main`` with ``workers`` Ray Train workers; its history aggregated."""
-    from mmdist import artifacts, finetune
-
     ft = dataclasses.replace(cfg.finetune, backbone=backbone, num_workers=workers)
-    run = dataclasses.replace(cfg, output=output, finetune=ft)
-    load = common.loadavg()
-    start = time.perf_counter()
-    finetune.main(run)
-    manifest = artifacts.require(finetune.variant_dir(run, "minimax"), "finetune")  # the variant's, with history
-    out = common.window_stats(manifest["history"])
-    out.update(workers=workers, threads_per_worker=worker_threads(workers), loadavg_before=load,
-               wall_seconds=time.perf_counter() - start, final_loss=manifest["final"].get("loss"))
+    manifest, out = common.timed_finetune(dataclasses.replace(cfg, output=output, finetune=ft))
+    out.update(workers=workers, threads_per_worker=worker_threads(workers), final_loss=manifest["final"].get("loss"))
     return out
 
 
