@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -467,6 +468,22 @@ def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading 1e-4 as the number it is. YAML 1.1's float pattern needs a dot
+    (1.0e-4), so `finetune.lr=1e-4` arrived as the string '1e-4' and was refused; YAML 1.2, JSON
+    and Python all read it as a float."""
+
+
+_YamlLoader.add_implicit_resolver(  # copies the resolver table for this class; SafeLoader is untouched
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _yaml(text: Any) -> Any:
+    """Parse YAML text or a file object with ``_YamlLoader``."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506  (a SafeLoader subclass)
+
+
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply ``section.field=value`` overrides (values parsed as YAML) to a config."""
     raw = to_dict(cfg)
@@ -475,7 +492,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. sample.ipc=50")
         key, text = item.split("=", 1)
         try:
-            value = yaml.safe_load(text) if text != "" else ""
+            value = _yaml(text) if text != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {key}: cannot parse {text!r} ({e.__class__.__name__})") from None
         node = raw
@@ -513,7 +530,7 @@ def load_yaml(path: str, base: Config | None = None) -> Config:
     """Load a YAML config file; its keys override ``base`` (the embedded default if None)."""
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f)
+            raw = _yaml(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path}: not found") from None
     except yaml.YAMLError as e:

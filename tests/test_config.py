@@ -55,6 +55,17 @@ def test_bad_values_name_the_field(override, field):
     assert str(e.value).startswith(field), str(e.value)
 
 
+def test_numbers_in_exponent_form_are_numbers_in_overrides_and_files(tmp_path):
+    """YAML 1.1 reads 1e-4 as a string (it wants 1.0e-4); a user writes finetune.lr=1e-4."""
+    cfg = C.apply_overrides(C.Config(), ["finetune.lr=1e-4", "pretrain.lr=2.5E-3", "finetune.minimax.lambda_div=.8e-2"])
+    assert (cfg.finetune.lr, cfg.pretrain.lr, cfg.finetune.minimax.lambda_div) == (1e-4, 2.5e-3, 0.008)
+    assert C.apply_overrides(C.Config(), ["sample.ipc=10"]).sample.ipc == 10  # integers stay integers
+    assert C.apply_overrides(C.Config(), ["name=e5"]).name == "e5"  # and words stay words
+    path = tmp_path / "lr.yaml"
+    path.write_text("finetune:\n  lr: 1e-4\n")
+    assert C.load_yaml(str(path)).finetune.lr == 1e-4
+
+
 def test_vae_needs_rgb():
     with pytest.raises(ConfigError, match="data.channels"):
         C.apply_overrides(C.Config(), ["encode.encoder=stabilityai/sd-vae-ft-ema"])
