@@ -268,6 +268,8 @@ def decode_image(data: bytes, size: int, channels: int) -> np.ndarray:
                 raise DataError(f"aspect ratio {im.size[0]}x{im.size[1]} is beyond {MAX_ASPECT}:1")
             im.load()
             image = to_mode(im, channels)
+    except Image.DecompressionBombError:  # a header claiming billions of pixels (not an OSError)
+        raise DataError("image header claims more pixels than PIL's decompression-bomb limit") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot decode image ({type(e).__name__}: {str(e)[:80]})") from None
     return _shape(center_crop_arr(image, size), channels)

@@ -173,6 +173,20 @@ def test_random_or_damaged_bytes_decode_or_are_refused_as_data_errors(data, chan
         event("decoded (damage outside the pixels)")
 
 
+def test_a_header_claiming_billions_of_pixels_is_refused_as_data():
+    """A damaged header (the fuzz test above once met a TIFF claiming 16777349 x 180) makes PIL raise
+    DecompressionBombError, which is not an OSError: it must still be one bad image, not a crash."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20_000, 20_000, 8, 0, 0, 0, 0))
+    with pytest.raises(DataError, match="decompression-bomb limit"):
+        datasets.decode_image(header + chunk(b"IEND", b""), 16, 1)
+
+
 def test_an_extreme_aspect_ratio_is_refused_not_blown_up():
     """A 1 x 100000 PNG is small on disk but the centre crop would scale it to 2.8M x 28 pixels."""
     with pytest.raises(DataError, match="aspect ratio"):
