@@ -209,6 +209,7 @@ def main() -> None:
                      "seeds_ipc50": list(p["seeds_50"]), "evals": p["evals"],
                      "teacher": f"{cfg.evaluate.teacher_arch}, {p['teacher_epochs']} epochs",
                      "augment": cfg.evaluate.augment, "finetune_steps": cfg.finetune.steps,
+                     "finetune_trainable": cfg.finetune.trainable, "finetune_lr": cfg.finetune.lr,
                      "ema": f"{cfg.finetune.ema_decay} warm-up={cfg.finetune.ema_warmup}",
                      "lambda": [cfg.finetune.minimax.lambda_rep, cfg.finetune.minimax.lambda_div],
                      "guidance_scale": cfg.sample.guidance_scale, "oversample": cfg.sample.oversample,

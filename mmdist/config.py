@@ -216,8 +216,10 @@ class FinetuneConfig(TrainConfig):
     )
     backbone_subfolder: str | None = opt(None, "subfolder of the backbone inside its repo", kind="uri")
     trainable: Literal["difffit", "full"] = opt(
-        "difffit", "difffit: biases, scale factors in the first half of the blocks, class table (paper)"
+        "full", "full: every weight (the embedded default; docs/method.md §6). difffit: biases, scale factors in "
+        "the first half of the blocks, class table (the paper; jobs.imagewoof)"
     )
+    lr: float = opt(1e-4, "AdamW learning rate, constant (the paper: 1e-3 with difffit; 1e-4 with full)", gt=0)
     minimax: MinimaxConfig = opt(MinimaxConfig(), "the minimax losses")
     class_dropout: float = opt(0.1, "label dropout kept on during fine-tuning (docs/method.md §1.4)", ge=0, lt=1)
     class_phases: int = opt(

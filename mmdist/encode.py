@@ -1,15 +1,17 @@
 """Stage 1 — encode: real images -> latent shards (Parquet) + manifest, with Ray Data.
 
 The train split is cut into fixed shards of ``encode.shard_rows`` images in a fixed order. Each
-shard is one row of a Ray Dataset that an actor pool maps: the actor (encoder loaded once) reads,
-decodes and centre-crops the images, encodes them, and writes the shard in one atomic write with
-its statistics in the Parquet footer. A rerun skips every shard already written by the same
-config, so an interrupted encode resumes. Bad images are counted and listed, never dropped
-silently; ``encode.strict`` turns them into a failure.
+shard is one row of a Ray Dataset that streams through three stages: CPU tasks read, decode and
+centre-crop its images; an actor pool (encoder loaded once, a GPU each where asked) encodes
+them; CPU tasks write the shard in one atomic write with its statistics in the Parquet footer.
+The stages overlap, so the encoder never waits on storage or decoding. A rerun skips every shard
+already written by the same config, so an interrupted encode resumes. Bad images are counted and
+listed, never dropped silently; ``encode.strict`` turns them into a failure.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
@@ -19,15 +21,28 @@ import numpy as np
 import torch
 
 from mmdist import artifacts, datasets, schema, shards, storage
-from mmdist.config import Config
+from mmdist.config import Config, DataConfig
 from mmdist.errors import DataError
 from mmdist.seeding import derive_seed
 
 log = logging.getLogger("mmdist")
 
 
+def decode_shard(data: DataConfig, items: list[datasets.Item]) -> tuple[np.ndarray, list, list[dict]]:
+    """Read and decode one shard's images: uint8 [n, C, H, W], the items kept, the items skipped."""
+    images, kept, skipped = [], [], []
+    for it, raw in zip(items, datasets.read_files(data, items)):
+        try:
+            images.append(datasets.load_item(data, it, data=raw).transpose(2, 0, 1))
+            kept.append(it)
+        except DataError as e:
+            skipped.append({"source_id": it.source_id, "class": it.class_name, "reason": str(e)})
+    shape = (0, data.channels, data.image_size, data.image_size)
+    return (np.stack(images) if images else np.zeros(shape, np.uint8)), kept, skipped
+
+
 class ShardEncoder:
-    """Ray Data actor: one input row is one shard plan; returns that shard's summary."""
+    """Ray Data actor holding the encoder (loaded once): decoded shards in, latents out."""
 
     def __init__(self, config: dict[str, Any], folder: str, fp: str, cpus: float):
         from mmdist.models.diffusion import LatentEncoder
@@ -41,57 +56,109 @@ class ShardEncoder:
         self.folder, self.fp = folder, fp
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Encode and write the shards in ``batch``; return one summary (JSON) per shard."""
-        metas = [self.encode_shard(int(i), json.loads(items))
-                 for i, items in zip(batch["shard"], batch["items"])]
-        return {"shard": batch["shard"], "meta": np.array([json.dumps(m) for m in metas], dtype=object)}
+        """The pipeline's middle stage: encode each decoded shard of ``batch``."""
+        means, stds = [], []
+        for images in batch["images"]:
+            mean, std = self.encode(_unpack(images))
+            means.append(_pack(mean))
+            stds.append(b"" if std is None else _pack(std))
+        return {"shard": batch["shard"], "items": batch["items"], "kept": batch["kept"],
+                "skipped": batch["skipped"], "mean": _objects(means), "std": _objects(stds)}
 
-    def encode_shard(self, index: int, raw_items: list[list]) -> dict[str, Any]:
-        """Load, encode and write one shard."""
+    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 [n, C, H, W] -> latent mean and std (None for a deterministic encoder) in the shard dtype."""
         cfg = self.cfg
-        items = [datasets.Item(*row) for row in raw_items]
-        images, kept, skipped = [], [], []
-        for it, data in zip(items, datasets.read_files(cfg.data, items)):
-            try:
-                images.append(datasets.load_item(cfg.data, it, data=data).transpose(2, 0, 1))
-                kept.append(it)
-            except DataError as e:
-                skipped.append({"source_id": it.source_id, "class": it.class_name, "reason": str(e)})
         means, stds = [], []
         for start in range(0, len(images), cfg.encode.batch_size):
-            chunk = torch.from_numpy(np.stack(images[start: start + cfg.encode.batch_size]))
-            mean, std = self.encoder.encode(chunk)
+            mean, std = self.encoder.encode(torch.from_numpy(images[start: start + cfg.encode.batch_size]))
             means.append(mean.float().cpu().numpy())
             stds.append(None if std is None else std.float().cpu().numpy())
         shape = list(self.encoder.latent_shape(cfg.data.channels, cfg.data.image_size))
         mean = np.concatenate(means) if means else np.zeros([0, *shape], np.float32)
         std = None if self.encoder.deterministic else (np.concatenate(stds) if stds else np.zeros_like(mean))
-        # cast before the check: a float16 shard overflows to Inf beyond 65504
+        # cast here, before write_shard's check: a float16 shard overflows to Inf beyond 65504
         dtype = np.float16 if cfg.encode.dtype == "float16" else np.float32
-        mean, std = mean.astype(dtype), (None if std is None else std.astype(dtype))
-        flat = (len(mean), int(np.prod(shape)))  # explicit: a shard whose images were all skipped has 0 rows
-        finite = np.isfinite(mean.reshape(flat)).all(1)
-        if std is not None:
-            finite &= np.isfinite(std.reshape(flat)).all(1)
-        for it in (k for k, ok in zip(kept, finite) if not ok):
-            skipped.append({"source_id": it.source_id, "class": it.class_name, "reason": "non-finite latent"})
-        kept = [k for k, ok in zip(kept, finite) if ok]
-        mean, std = mean[finite], (None if std is None else std[finite])
-        counts: dict[str, int] = {}
-        for it in kept:
-            counts[it.class_name] = counts.get(it.class_name, 0) + 1
-        meta = {
-            "fingerprint": self.fp, "items": items_hash(items), "rows": len(kept), "counts": counts, "skipped": skipped,
-            "nonfinite_dropped": int((~finite).sum()), "shape": shape,
-            "sum": shards.encode_vector(mean.astype(np.float64).sum(0).ravel()),
-        }
-        shards.write_shard(
-            storage.join(self.folder, "shards", shards.shard_name(index)),
-            mean=mean, std=std,
-            labels=np.array([it.label for it in kept], dtype=np.int64),
-            class_names=[it.class_name for it in kept], source_ids=[it.source_id for it in kept], meta=meta,
-        )
-        return meta
+        return mean.astype(dtype), (None if std is None else std.astype(dtype))
+
+    def encode_shard(self, index: int, raw_items: list[list]) -> dict[str, Any]:
+        """Read, decode, encode and write one shard in this process (the stages of the pipeline in
+        series: what the encoder did before the pipeline, kept for tests and benchmarks/data.py)."""
+        items = [datasets.Item(*row) for row in raw_items]
+        images, kept, skipped = decode_shard(self.cfg.data, items)
+        mean, std = self.encode(images)
+        return write_shard(self.folder, self.fp, index, items, kept, skipped, mean, std)
+
+
+def write_shard(folder: str, fp: str, index: int, items: list[datasets.Item], kept: list[datasets.Item],
+                skipped: list[dict], mean: np.ndarray, std: np.ndarray | None) -> dict[str, Any]:
+    """Drop non-finite latents (counted, listed), write the shard atomically; return its summary."""
+    skipped = list(skipped)
+    flat = (len(mean), int(np.prod(mean.shape[1:])))  # explicit: a shard whose images were all skipped has 0 rows
+    finite = np.isfinite(mean.reshape(flat)).all(1)
+    if std is not None:
+        finite &= np.isfinite(std.reshape(flat)).all(1)
+    for it in (k for k, ok in zip(kept, finite) if not ok):
+        skipped.append({"source_id": it.source_id, "class": it.class_name, "reason": "non-finite latent"})
+    kept = [k for k, ok in zip(kept, finite) if ok]
+    mean, std = mean[finite], (None if std is None else std[finite])
+    counts: dict[str, int] = {}
+    for it in kept:
+        counts[it.class_name] = counts.get(it.class_name, 0) + 1
+    meta = {
+        "fingerprint": fp, "items": items_hash(items), "rows": len(kept), "counts": counts, "skipped": skipped,
+        "nonfinite_dropped": int((~finite).sum()), "shape": list(mean.shape[1:]),
+        "sum": shards.encode_vector(mean.astype(np.float64).sum(0).ravel()),
+    }
+    shards.write_shard(
+        storage.join(folder, "shards", shards.shard_name(index)),
+        mean=mean, std=std,
+        labels=np.array([it.label for it in kept], dtype=np.int64),
+        class_names=[it.class_name for it in kept], source_ids=[it.source_id for it in kept], meta=meta,
+    )
+    return meta
+
+
+def decode_stage(batch: dict[str, np.ndarray], config: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The pipeline's first stage (CPU tasks): read and decode each shard of ``batch``."""
+    cfg = Config.from_dict(config).data
+    packed, kept, skipped = [], [], []
+    for raw in batch["items"]:
+        images, k, s = decode_shard(cfg, [datasets.Item(*row) for row in json.loads(raw)])
+        packed.append(_pack(images))
+        kept.append(json.dumps([_item_row(it) for it in k]))
+        skipped.append(json.dumps(s))
+    return {"shard": batch["shard"], "items": batch["items"], "kept": _objects(kept),
+            "skipped": _objects(skipped), "images": _objects(packed)}
+
+
+def write_stage(batch: dict[str, np.ndarray], folder: str, fp: str) -> dict[str, np.ndarray]:
+    """The pipeline's last stage (CPU tasks): write each encoded shard; one summary (JSON) per shard."""
+    metas = []
+    for i, items, kept, skipped, mean, std in zip(batch["shard"], batch["items"], batch["kept"],
+                                                  batch["skipped"], batch["mean"], batch["std"]):
+        meta = write_shard(folder, fp, int(i), [datasets.Item(*row) for row in json.loads(items)],
+                           [datasets.Item(*row) for row in json.loads(kept)], json.loads(skipped),
+                           _unpack(mean), _unpack(std) if len(std) else None)
+        metas.append(json.dumps(meta))
+    return {"shard": batch["shard"], "meta": _objects(metas)}
+
+
+def _pack(array: np.ndarray) -> bytes:
+    """An array as .npy bytes: shape and dtype travel with it between the pipeline's stages."""
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _unpack(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _objects(values: list) -> np.ndarray:
+    """A column of Python objects (bytes, str) that numpy must not try to broadcast."""
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    return column
 
 
 def items_hash(items: list[datasets.Item]) -> str:
@@ -187,16 +254,32 @@ def _pool_size(cfg: Config, shards_to_do: int) -> tuple[int, int, float]:
 
 
 def _run_actors(cfg: Config, folder: str, fp: str, plans: list, todo: list[int]) -> dict[int, dict]:
-    """Map the shards to do over an actor pool; returns their summaries as they finish."""
+    """Stream the shards to do through three Ray Data stages; returns their summaries as they finish.
+
+    Reading and decoding run as CPU tasks, the encoder on an actor pool (one GPU each where asked),
+    writing as CPU tasks again: while an actor encodes shard k, tasks decode the shards after it
+    and write the ones before, so a GPU never waits on object storage or PIL. A shard is one row
+    (the unit of resume), so a stage's output is one shard's images or latents.
+    """
     import ray
     from tqdm import tqdm
 
+    from mmdist import ray_runtime
+
     lo, hi, cpus = _pool_size(cfg, len(todo))
+    # a laptop's actors leave a quarter CPU per task stage (docs/ray-notes.md: starvation); a
+    # cluster's decode tasks take a core each, as many as the nodes have left over
+    laptop = ray_runtime.laptop_cpus() is not None
+    task_cpus = 0.25 if laptop else 1.0
     rows = [{"shard": i, "items": json.dumps([list(_item_row(it)) for it in plans[i]])} for i in todo]
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-        ShardEncoder, fn_constructor_kwargs=dict(config=cfg.to_dict(), folder=folder, fp=fp, cpus=cpus),
-        batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-        num_cpus=cpus, num_gpus=cfg.encode.num_gpus_per_actor or None,
+    config = cfg.to_dict()
+    ds = (
+        ray.data.from_items(rows, override_num_blocks=len(rows))
+        .map_batches(decode_stage, fn_kwargs=dict(config=config), batch_size=1, num_cpus=task_cpus)
+        .map_batches(ShardEncoder, fn_constructor_kwargs=dict(config=config, folder=folder, fp=fp, cpus=cpus),
+                     batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+                     num_cpus=cpus, num_gpus=cfg.encode.num_gpus_per_actor or None)
+        .map_batches(write_stage, fn_kwargs=dict(folder=folder, fp=fp), batch_size=1, num_cpus=0.25)
     )
     out = {}
     with tqdm(total=len(todo), desc="encode shards", unit="shard") as bar:

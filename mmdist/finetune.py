@@ -1,6 +1,7 @@
 """Stage 3 — finetune: minimax fine-tuning of a pretrained DiT (docs/method.md §1) on Ray Train.
 
-DiffFit parameters by default, label dropout on, EMA kept; the two minimax terms are computed
+Every weight of the embedded DiT by default (the recipes: the paper's DiffFit set; docs/method.md
+§1.3), label dropout on, EMA kept; the two minimax terms are computed
 over per-class memories that are all-gathered every step. Besides ``minimax`` (the paper), the
 ablation rows of ``evaluate.methods`` are fine-tuned here too, each the same run with other loss
 weights: ``finetune`` (both weights 0: what fine-tuning alone does), ``representativeness`` and
