@@ -315,9 +315,10 @@ class EvaluateConfig(_Section):
         None, "soft labels and diagnostics: a teacher folder made by mmdist, or a weights file (.safetensors, or a "
         "torchvision/timm .pth state dict) of evaluate.teacher_arch; None trains one on the real train split",
         kind="uri")
-    teacher_arch: str = opt("convnet", "architecture of the teacher (trained, or of the weights file given)",
+    teacher_arch: str = opt("convnet_w32", "architecture of the teacher (trained, or of the weights file given)",
                             registry=_arch)
-    teacher_epochs: int = opt(15, "epochs of teacher training on the real train split", ge=1)
+    teacher_epochs: int = opt(5, "epochs of teacher training on the real train split (the embedded default's "
+                              "teacher ships trained: mmdist/assets/teachers)", ge=1)
     temperature: float = opt(20.0, "soft: KL temperature (RDED: 20)", gt=0)
     cpus_per_trial: float | None = opt(None, "CPUs per trial; None fits one trial per CPU", gt=0)
     gpus_per_trial: float = opt(0.0, "GPUs per trial (fractions run several trials per GPU)", ge=0, le=8)

@@ -3,7 +3,9 @@
 Either ``evaluate.teacher`` (a folder made by mmdist, or a weights file: .safetensors, or a
 torchvision/timm state dict loaded with ``weights_only``), checked against the data's classes
 before any trial starts, or one trained here on the real train split as a Ray task and cached
-under ``<output>/teacher/`` keyed by architecture, resolution, epochs and the data.
+under ``<output>/teacher/`` keyed by architecture, resolution, epochs and the data. The one the
+embedded default would train ships under that key in ``mmdist/assets/teachers/`` (with the
+command that made it), so ``mmdist run`` loads it instead.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -32,6 +35,8 @@ def build_model(state: dict[str, Any], channels: int, num_classes: int, res: int
 
 
 TEACHER_FILES = (".safetensors", ".pth", ".pt", ".bin")
+# teachers trained by ``teacher_state`` and shipped, each in the folder its cache key names
+SHIPPED_TEACHERS = os.path.join(os.path.dirname(__file__), "assets", "teachers")
 
 
 def _load_weights(uri: str) -> dict[str, np.ndarray]:
@@ -100,10 +105,15 @@ def teacher_state(cfg: Config, test: tuple[np.ndarray, np.ndarray], res: int) ->
         return check_teacher(cfg)
     folder = teacher_cache(cfg, res)
     weights_uri = storage.join(folder, "model.safetensors")
-    if storage.exists(storage.join(folder, schema.MANIFEST)):
-        meta = storage.read_json(storage.join(folder, schema.MANIFEST))
-        return {"arch": meta["arch"], "weights": load_tensors(storage.read_bytes(weights_uri)), "key": folder,
-                "test_acc": meta.get("test_acc")}
+    # the cache first, then the teachers shipped with the package: the one this config would train,
+    # trained once (the embedded default's, so that `mmdist run` does not spend minutes on it)
+    for where in (folder, os.path.join(SHIPPED_TEACHERS, folder.rstrip("/").rsplit("/", 1)[-1])):
+        if storage.exists(storage.join(where, schema.MANIFEST)):
+            meta = storage.read_json(storage.join(where, schema.MANIFEST))
+            if where != folder:
+                log.info("evaluate: the shipped %s teacher of this data (%s)", meta["arch"], where)
+            return {"arch": meta["arch"], "key": where, "test_acc": meta.get("test_acc"),
+                    "weights": load_tensors(storage.read_bytes(storage.join(where, "model.safetensors")))}
     import ray
 
     from mmdist import ray_runtime

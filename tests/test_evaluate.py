@@ -128,3 +128,24 @@ def test_ipc_larger_than_available_is_refused(ray_cluster, tmp_path):
 def test_distilled_method_needs_a_folder(tmp_path):
     with pytest.raises(ConfigError, match="evaluate.distilled"):
         smoke_config(str(tmp_path), evaluate={"methods": ["distilled"], "distilled": None})
+
+
+@needs_fmnist
+def test_the_embedded_defaults_teacher_ships_under_its_cache_key_and_classifies(tmp_path):
+    """`mmdist run` loads the shipped teacher instead of training one for minutes. The asset must sit
+    under the key the default config computes (a changed default would quietly train again) and be
+    a working classifier of the data."""
+    import dataclasses
+
+    from mmdist import datasets
+    from mmdist.config import Config
+
+    cfg = dataclasses.replace(Config(), output=str(tmp_path / "out"))
+    key = teacher.teacher_cache(cfg, 28).rsplit("/", 1)[-1]
+    assert os.path.isdir(os.path.join(teacher.SHIPPED_TEACHERS, key)), os.listdir(teacher.SHIPPED_TEACHERS)
+    x, y = datasets.load_fashion_mnist(cfg.data.train, "test", download=False)
+    x, y = torch.from_numpy(x[:2000, None].copy()), torch.from_numpy(y[:2000].astype("int64"))
+    state = teacher.teacher_state(cfg, (x.numpy(), y.numpy()), 28)
+    assert state["key"].startswith(teacher.SHIPPED_TEACHERS) and not (tmp_path / "out").exists()  # nothing trained
+    model = teacher.build_model(state, 1, 10, 28)
+    assert protocols.accuracy(model, protocols.to_float(x, 28), y) > 85
