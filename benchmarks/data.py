@@ -23,13 +23,13 @@ What is measured, all in one process and one run, on the same images and the sam
     actors' start-up, which a small data set over-weights.
 
 ``encode_pipelined_over_serial`` (throughput ratio, higher is better)
-    The encode stage as shipped (Ray Data tasks read and decode a shard, the actor pool encodes
-    it, tasks write it: the stages overlap) over the encoder before it, where each of the same 2
-    actors read, decoded, encoded and wrote its shard in series (``SerialShardEncoder`` below,
-    ``ShardEncoder.encode_shard`` in one Ray Data stage). Same images, encoder, shards, pool size
-    and CPUs per actor; run pipelined, serial, serial, pipelined (ABBA) and pooled. On a CPU-only
-    machine the encoder and the decoding share the same cores, so little is expected; the
-    pipeline is for a GPU encoder fed by CPU decoding and object storage.
+    ``mmdist.encode.main`` with ``encode.pipeline=on`` (Ray Data tasks read and decode a shard,
+    the 2 actors only encode it, tasks write it: the stages overlap) over ``off`` (each actor
+    reads, decodes, encodes and writes its shard). Same images, encoder, shards, pool size and
+    CPUs per actor; run off, on, on, off (ABBA) and pooled. On a CPU-only machine the encoder and
+    the decoding share the same cores; the pipeline is for a GPU encoder fed by CPU decoding and
+    object storage (``encode.pipeline=auto`` turns it on only there). ``encode_ray_over_loop``
+    uses the first ``off`` run, the CPU default.
 
 ``s3_over_local`` (throughput ratio, higher is better; 1.0 means S3 costs nothing)
     End-to-end fine-tuning steps per second (``steps_per_second`` of the returned manifest's
@@ -235,52 +235,6 @@ def encode_ray(cfg: object, output: str) -> dict:
             "folder": folder, "manifest": manifest}
 
 
-class SerialShardEncoder:
-    """The encoder before the pipeline: each actor reads, decodes, encodes and writes a shard in series."""
-
-    def __init__(self, **kwargs):
-        from mmdist.encode import ShardEncoder
-
-        self.inner = ShardEncoder(**kwargs)
-
-    def __call__(self, batch: dict) -> dict:
-        """Each shard of ``batch`` from its file list to its Parquet file; one summary per shard."""
-        import json
-
-        import numpy as np
-
-        metas = [json.dumps(self.inner.encode_shard(int(i), json.loads(items)))
-                 for i, items in zip(batch["shard"], batch["items"])]
-        return {"shard": batch["shard"], "meta": np.array(metas, dtype=object)}
-
-
-def encode_serial(cfg: object, output: str) -> dict:
-    """The same shards through one Ray Data stage of ``SerialShardEncoder`` actors (same pool size
-    and CPUs per actor as the pipeline's encoder stage); timing covers indexing to the last shard."""
-    import json
-
-    import ray
-
-    from mmdist import artifacts, datasets, encode
-
-    cfg = dataclasses.replace(cfg, output=output)
-    load = common.loadavg()
-    start = time.perf_counter()
-    split = datasets.index_split(cfg.data, "train")
-    plans = encode.plan_shards(split.items, cfg.encode.shard_rows, cfg.encode.seed)
-    lo, hi, cpus = encode._pool_size(cfg, len(plans))
-    rows = [{"shard": i, "items": json.dumps([list(encode._item_row(it)) for it in plan])}
-            for i, plan in enumerate(plans)]
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-        SerialShardEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-        fn_constructor_kwargs=dict(config=cfg.to_dict(), folder=os.path.join(output, "latents"),
-                                   fp=artifacts.fingerprint(cfg, "encode"), cpus=cpus), num_cpus=cpus)
-    images = sum(json.loads(row["meta"])["rows"] for row in ds.iter_rows())
-    seconds = time.perf_counter() - start
-    return {"actors": hi, "images": images, "seconds": seconds, "images_per_second": images / seconds,
-            "loadavg_before": load}
-
-
 # ----------------------------------------------------------------------------------------------
 # Fine-tune: latents on S3 vs local disk
 # ----------------------------------------------------------------------------------------------
@@ -333,14 +287,17 @@ def main() -> None:
 
         common.log.info("encode: plain loop, 1 and 2 torch threads")
         loops = [encode_loop(cfg, 1), encode_loop(cfg, 2)]
-        common.log.info("encode: mmdist.encode.main with 2 actors (pipelined), and the serial actors, ABBA")
-        ray_enc = encode_ray(cfg, os.path.join(tmp, "encoded"))
-        serial = [encode_serial(cfg, os.path.join(tmp, f"serial-{i}")) for i in range(2)]
-        piped = [ray_enc, encode_ray(cfg, os.path.join(tmp, "encoded-2"))]
+        common.log.info("encode: mmdist.encode.main with 2 actors, encode.pipeline off, on, on, off (ABBA)")
+        runs = {"off": [], "on": []}
+        for i, mode in enumerate(("off", "on", "on", "off")):
+            piped_cfg = dataclasses.replace(cfg, encode=dataclasses.replace(cfg.encode, pipeline=mode))
+            runs[mode].append(encode_ray(piped_cfg, os.path.join(tmp, f"encoded-{i}-{mode}")))
+        ray_enc = runs["off"][0]  # the CPU default (encode.pipeline=auto is off without GPUs)
         best = max(loops, key=lambda r: r["images_per_second"])
-        piped_ips = sum(r["images"] for r in piped) / sum(r["seconds"] for r in piped)
-        serial_ips = sum(r["images"] for r in serial) / sum(r["seconds"] for r in serial)
-        for r in piped[1:]:
+        piped_ips = sum(r["images"] for r in runs["on"]) / sum(r["seconds"] for r in runs["on"])
+        serial_ips = sum(r["images"] for r in runs["off"]) / sum(r["seconds"] for r in runs["off"])
+        serial, piped = runs["off"][1:], runs["on"]
+        for r in serial + piped:
             r.pop("folder"), r.pop("manifest")
 
         ray_enc.pop("folder")
@@ -383,7 +340,7 @@ def main() -> None:
             "ray_over_loop_steady": common.ratio(ray_enc["steady_images_per_second"],
                                                  max(r["images_per_second_excl_setup"] for r in loops)),
             "ray_start_seconds": ray_start,
-            "pipelined_runs": [ray_enc["seconds"], piped[1]["seconds"]], "serial_runs": serial,
+            "pipelined_runs": piped, "serial_runs": [ray_enc["seconds"], *serial],
             "pipelined_images_per_second": piped_ips, "serial_images_per_second": serial_ips,
         },
         "finetune_s3": {

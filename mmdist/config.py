@@ -126,6 +126,10 @@ class EncodeConfig(_Section):
     batch_size: int = opt(64, "images per encoder forward pass", ge=1)
     num_actors: int = opt(0, "encoder actors; 0 sizes the pool from the cluster's CPUs/GPUs", ge=0)
     num_gpus_per_actor: float = opt(0.0, "GPUs per encoder actor (fractions share a GPU)", ge=0, le=8)
+    pipeline: Literal["auto", "on", "off"] = opt(
+        "auto", "on: Ray Data tasks read and decode, the actors only encode, tasks write (the stages overlap); off: "
+        "each actor reads, decodes, encodes and writes its shard; auto: on where the actors hold GPUs (on CPUs the "
+        "stages share the same cores: off measured 2x faster, benchmarks/data.py)")
     dtype: Literal["float32", "float16"] = opt("float32", "storage dtype of latents")
     strict: bool = opt(False, "fail the run on any unreadable image or empty class instead of counting it")
     seed: int = opt(0, "seed of the row shuffle across shards (every shard a uniform sample of the classes)", **SEED)

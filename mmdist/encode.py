@@ -1,10 +1,11 @@
 """Stage 1 — encode: real images -> latent shards (Parquet) + manifest, with Ray Data.
 
 The train split is cut into fixed shards of ``encode.shard_rows`` images in a fixed order. Each
-shard is one row of a Ray Dataset that streams through three stages: CPU tasks read, decode and
-centre-crop its images; an actor pool (encoder loaded once, a GPU each where asked) encodes
+shard is one row of a Ray Dataset. With GPU encoders it streams through three stages: CPU tasks
+read, decode and centre-crop its images; an actor pool (encoder loaded once, a GPU each) encodes
 them; CPU tasks write the shard in one atomic write with its statistics in the Parquet footer.
-The stages overlap, so the encoder never waits on storage or decoding. A rerun skips every shard
+The stages overlap, so the encoder never waits on storage or decoding. On CPUs each actor does
+all of it for a whole shard (``encode.pipeline``). A rerun skips every shard
 already written by the same config, so an interrupted encode resumes. Bad images are counted and
 listed, never dropped silently; ``encode.strict`` turns them into a failure.
 """
@@ -56,7 +57,12 @@ class ShardEncoder:
         self.folder, self.fp = folder, fp
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The pipeline's middle stage: encode each decoded shard of ``batch``."""
+        """The pipeline's middle stage: encode each decoded shard of ``batch``. Without the pipeline
+        (rows are shard plans, no images): each shard whole, returning its summary (JSON)."""
+        if "images" not in batch:
+            metas = [json.dumps(self.encode_shard(int(i), json.loads(items)))
+                     for i, items in zip(batch["shard"], batch["items"])]
+            return {"shard": batch["shard"], "meta": _objects(metas)}
         means, stds = [], []
         for images in batch["images"]:
             mean, std = self.encode(_unpack(images))
@@ -81,8 +87,7 @@ class ShardEncoder:
         return mean.astype(dtype), (None if std is None else std.astype(dtype))
 
     def encode_shard(self, index: int, raw_items: list[list]) -> dict[str, Any]:
-        """Read, decode, encode and write one shard in this process (the stages of the pipeline in
-        series: what the encoder did before the pipeline, kept for tests and benchmarks/data.py)."""
+        """Read, decode, encode and write one shard in this process (the pipeline's stages in series)."""
         items = [datasets.Item(*row) for row in raw_items]
         images, kept, skipped = decode_shard(self.cfg.data, items)
         mean, std = self.encode(images)
@@ -254,12 +259,14 @@ def _pool_size(cfg: Config, shards_to_do: int) -> tuple[int, int, float]:
 
 
 def _run_actors(cfg: Config, folder: str, fp: str, plans: list, todo: list[int]) -> dict[int, dict]:
-    """Stream the shards to do through three Ray Data stages; returns their summaries as they finish.
+    """Stream the shards to do through Ray Data; returns their summaries as they finish.
 
-    Reading and decoding run as CPU tasks, the encoder on an actor pool (one GPU each where asked),
-    writing as CPU tasks again: while an actor encodes shard k, tasks decode the shards after it
-    and write the ones before, so a GPU never waits on object storage or PIL. A shard is one row
-    (the unit of resume), so a stage's output is one shard's images or latents.
+    Pipelined (``encode.pipeline``; by default where the actors hold GPUs): reading and decoding
+    run as CPU tasks, the encoder on the actor pool, writing as CPU tasks again; while an actor
+    encodes shard k, tasks decode the shards after it and write the ones before, so a GPU never
+    waits on object storage or PIL. Otherwise each actor does a whole shard: on CPUs the stages
+    would share the same cores, and there the pipeline measured half the throughput
+    (benchmarks/data.py). A shard is one row (the unit of resume) either way.
     """
     import ray
     from tqdm import tqdm
@@ -273,14 +280,15 @@ def _run_actors(cfg: Config, folder: str, fp: str, plans: list, todo: list[int])
     task_cpus = 0.25 if laptop else 1.0
     rows = [{"shard": i, "items": json.dumps([list(_item_row(it)) for it in plans[i]])} for i in todo]
     config = cfg.to_dict()
-    ds = (
-        ray.data.from_items(rows, override_num_blocks=len(rows))
-        .map_batches(decode_stage, fn_kwargs=dict(config=config), batch_size=1, num_cpus=task_cpus)
-        .map_batches(ShardEncoder, fn_constructor_kwargs=dict(config=config, folder=folder, fp=fp, cpus=cpus),
-                     batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-                     num_cpus=cpus, num_gpus=cfg.encode.num_gpus_per_actor or None)
-        .map_batches(write_stage, fn_kwargs=dict(folder=folder, fp=fp), batch_size=1, num_cpus=0.25)
-    )
+    pipelined = cfg.encode.pipeline == "on" or (cfg.encode.pipeline == "auto" and cfg.encode.num_gpus_per_actor > 0)
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    if pipelined:
+        ds = ds.map_batches(decode_stage, fn_kwargs=dict(config=config), batch_size=1, num_cpus=task_cpus)
+    ds = ds.map_batches(ShardEncoder, fn_constructor_kwargs=dict(config=config, folder=folder, fp=fp, cpus=cpus),
+                        batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+                        num_cpus=cpus, num_gpus=cfg.encode.num_gpus_per_actor or None)
+    if pipelined:
+        ds = ds.map_batches(write_stage, fn_kwargs=dict(folder=folder, fp=fp), batch_size=1, num_cpus=0.25)
     out = {}
     with tqdm(total=len(todo), desc="encode shards", unit="shard") as bar:
         for row in ds.iter_rows():

@@ -17,7 +17,7 @@ from mmdist.errors import DataError
 BAD = {"a/zero.png": b"", "a/garbage.png": b"not an image", "b/truncated.png": png(40)[:70]}
 
 
-def folder_config(tmp_path, strict=False, **data):
+def folder_config(tmp_path, strict=False, pipeline="auto", **data):
     root = image_folder(str(tmp_path / "train"), {"a": 5, "b": 4}, size=24, mode="RGB", extra=BAD)
     image_folder(str(tmp_path / "train"), {"c": 3}, size=24, mode="RGBA")
     image_folder(str(tmp_path / "train"), {"d": 3}, size=24, mode="I;16")
@@ -26,11 +26,12 @@ def folder_config(tmp_path, strict=False, **data):
     return smoke_config(str(tmp_path / "out"),
                         data={"source": "imagefolder", "train": root, "test": test, "classes": None,
                               "channels": 3, "image_size": 16, "max_per_class": None, **data},
-                        encode={"shard_rows": 4, "strict": strict})
+                        encode={"shard_rows": 4, "strict": strict, "pipeline": pipeline})
 
 
-def test_bad_images_are_counted_listed_and_never_crash(ray_cluster, tmp_path):
-    cfg = folder_config(tmp_path)
+@pytest.mark.parametrize("pipeline", ["off", "on"])  # off: the CPU default; on: GPU encoders' (auto)
+def test_bad_images_are_counted_listed_and_never_crash(ray_cluster, tmp_path, pipeline):
+    cfg = folder_config(tmp_path, pipeline=pipeline)
     m = encode.main(cfg)
     assert m["classes"] == ["a", "b", "c", "d"]
     assert m["counts"] == {"a": 5, "b": 4, "c": 3, "d": 3} and m["rows"] == 15
