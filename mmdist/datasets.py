@@ -1,9 +1,9 @@
 """Real images: Fashion-MNIST IDX files, ImageFolder trees and Parquet image tables.
 
 A split is first *indexed* (class names, one ``Item`` per image, problems such as empty class
-folders) on the driver; images are *loaded* later, where they are used (the encode stage's actors, or
-its decode tasks when pipelined; evaluation trials). Loading a bad file raises ``DataError`` with the reason, which callers count
-as a skip rather than crash on.
+folders) on the driver; images are *loaded* later, where they are used (the encode stage's
+actors, or its decode tasks when pipelined; evaluation trials). Loading a bad file raises
+``DataError`` with the reason, which callers count as a skip rather than crash on.
 """
 
 from __future__ import annotations

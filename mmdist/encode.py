@@ -274,16 +274,15 @@ def _run_actors(cfg: Config, folder: str, fp: str, plans: list, todo: list[int])
     from mmdist import ray_runtime
 
     lo, hi, cpus = _pool_size(cfg, len(todo))
-    # a laptop's actors leave a quarter CPU per task stage (docs/ray-notes.md: starvation); a
-    # cluster's decode tasks take a core each, as many as the nodes have left over
-    laptop = ray_runtime.laptop_cpus() is not None
-    task_cpus = 0.25 if laptop else 1.0
     rows = [{"shard": i, "items": json.dumps([list(_item_row(it)) for it in plans[i]])} for i in todo]
     config = cfg.to_dict()
     pipelined = cfg.encode.pipeline == "on" or (cfg.encode.pipeline == "auto" and cfg.encode.num_gpus_per_actor > 0)
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     if pipelined:
-        ds = ds.map_batches(decode_stage, fn_kwargs=dict(config=config), batch_size=1, num_cpus=task_cpus)
+        # a laptop's actors leave a quarter CPU per task stage (docs/ray-notes.md: starvation); a
+        # cluster's decode tasks take a core each, as many as the nodes have left over
+        decode_cpus = 0.25 if ray_runtime.laptop_cpus() is not None else 1.0
+        ds = ds.map_batches(decode_stage, fn_kwargs=dict(config=config), batch_size=1, num_cpus=decode_cpus)
     ds = ds.map_batches(ShardEncoder, fn_constructor_kwargs=dict(config=config, folder=folder, fp=fp, cpus=cpus),
                         batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
                         num_cpus=cpus, num_gpus=cfg.encode.num_gpus_per_actor or None)
