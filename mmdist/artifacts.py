@@ -95,7 +95,7 @@ def existing(folder: str, kind: str, fp: str, cfg: Config, overwrite: bool = Fal
         return None
     release(folder)
     old = storage.read_json(uri)
-    changed = _changed_fields(old.get("config", {}), to_dict(cfg), SECTIONS[kind])
+    changed = _changed_fields(old.get("config", {}), to_dict(cfg, results_only=True), SECTIONS[kind])
     hint = f" (changed: {', '.join(changed[:6])})" if changed else " (an upstream stage changed)"
     raise ArtifactError(
         f"{folder} holds a finished {kind} made with a different config{hint}; "
@@ -240,9 +240,9 @@ def _held_message(folder: str, held: dict[str, Any]) -> str:
 
 
 def _changed_fields(old: dict, new: dict, sections: tuple[str, ...], prefix: str = "") -> list[str]:
-    """Dotted names of leaf fields that differ between two config dicts, within sections."""
+    """Dotted names of the leaf fields of ``new`` (within sections) whose values ``old`` does not hold."""
     out = []
-    for key in sections if not prefix else sorted(set(old) | set(new)):
+    for key in sections if not prefix else sorted(new):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out += _changed_fields(a, b, tuple(b), f"{prefix}{key}.")

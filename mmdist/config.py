@@ -124,12 +124,12 @@ class EncodeConfig(_Section):
                                        gt=0)
     shard_rows: int = opt(4096, "rows per Parquet shard; a shard is the unit of resume", ge=1)
     batch_size: int = opt(64, "images per encoder forward pass", ge=1)
-    num_actors: int = opt(0, "encoder actors; 0 sizes the pool from the cluster's CPUs/GPUs", ge=0)
+    num_actors: int = opt(0, "encoder actors; 0 sizes the pool from the cluster's CPUs/GPUs", result=False, ge=0)
     num_gpus_per_actor: float = opt(0.0, "GPUs per encoder actor (fractions share a GPU)", ge=0, le=8)
     pipeline: Literal["auto", "on", "off"] = opt(
         "auto", "on: Ray Data tasks read and decode, the actors only encode, tasks write (the stages overlap); off: "
         "each actor reads, decodes, encodes and writes its shard; auto: on where the actors hold GPUs (on CPUs the "
-        "stages share the same cores: off measured 2x faster, benchmarks/data.py)")
+        "stages share the same cores: off measured 2x faster, benchmarks/data.py)", result=False)
     dtype: Literal["float32", "float16"] = opt("float32", "storage dtype of latents")
     strict: bool = opt(False, "fail the run on any unreadable image or empty class instead of counting it")
     seed: int = opt(0, "seed of the row shuffle across shards (every shard a uniform sample of the classes)", **SEED)
@@ -181,9 +181,10 @@ class TrainConfig(_Section):
     num_workers: int = opt(1, "Ray Train workers (DDP ranks)", ge=1)
     use_gpu: bool = opt(False, "one GPU per worker")
     cpus_per_worker: float | None = opt(None, "CPUs per worker; None sizes it from the cluster", gt=0)
-    checkpoint_every: int = opt(100, "steps between checkpoints (resume points)", ge=1)
+    checkpoint_every: int = opt(100, "steps between checkpoints (resume points)", result=False, ge=1)
     log_every: int = opt(25, "steps between log lines", ge=1)
-    max_failures: int = opt(2, "worker failures survived by restarting from the last checkpoint", ge=0)
+    max_failures: int = opt(2, "worker failures survived by restarting from the last checkpoint", result=False,
+                            ge=0)
     seed: int = opt(0, "global seed; rank r uses derive_seed(seed, stage, r)", **SEED)
     _section = "train"
 
@@ -204,7 +205,7 @@ class PretrainConfig(TrainConfig):
     global_batch_size: int = opt(128, "images per step", ge=1)
     lr: float = opt(1e-3, "AdamW learning rate", gt=0)
     ema_decay: float = opt(0.999, "EMA decay ceiling; the shipped weights are the EMA", ge=0, lt=1)
-    checkpoint_every: int = opt(500, "steps between checkpoints", ge=1)
+    checkpoint_every: int = opt(500, "steps between checkpoints", result=False, ge=1)
     log_every: int = opt(100, "steps between log lines", ge=1)
     _section = "pretrain"
 
@@ -272,7 +273,7 @@ class SampleConfig(_Section):
         "the ipc that best cover the class's real latents (greedy facility location on centred cosines)", ge=1)
     select_reference: int = opt(512, "+select: real latents per class that the selection covers", ge=1)
     seed: int = opt(0, "image k of class c uses derive_seed(seed, 'sample', c, k)", **SEED)
-    num_actors: int = opt(0, "sampling actors; 0 sizes the pool from the cluster", ge=0)
+    num_actors: int = opt(0, "sampling actors; 0 sizes the pool from the cluster", result=False, ge=0)
     num_gpus_per_actor: float = opt(0.0, "GPUs per actor; 0.5 puts two actors on one GPU", ge=0, le=8)
     mixed_precision: Literal["no", "bf16", "fp16"] = opt("no", "autocast during sampling (GPU)")
     _section = "sample"
@@ -326,7 +327,7 @@ class EvaluateConfig(_Section):
     temperature: float = opt(20.0, "soft: KL temperature (RDED: 20)", gt=0)
     cpus_per_trial: float | None = opt(None, "CPUs per trial; None fits one trial per CPU", gt=0)
     gpus_per_trial: float = opt(0.0, "GPUs per trial (fractions run several trials per GPU)", ge=0, le=8)
-    max_failures: int = opt(2, "retries of a failed trial", ge=0)
+    max_failures: int = opt(2, "retries of a failed trial", result=False, ge=0)
     _section = "evaluate"
 
     def _checks(self) -> None:
@@ -442,8 +443,9 @@ class Config(_Section):
         return from_dict(cls, raw)
 
     def fingerprint(self, *sections: str) -> str:
-        """A short hash of the named sections, used to tell whether an artifact is current."""
-        picked = {s: to_dict(getattr(self, s)) for s in sections}
+        """A short hash of the named sections' result fields, used to tell whether an artifact is
+        current (fields made with ``result=False`` say how to run, not what is made: left out)."""
+        picked = {s: to_dict(getattr(self, s), results_only=True) for s in sections}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -452,12 +454,14 @@ class Config(_Section):
 # ----------------------------------------------------------------------------------------------
 
 
-def to_dict(obj: Any) -> Any:
-    """Dataclasses -> dicts, tuples -> lists, recursively."""
+def to_dict(obj: Any, results_only: bool = False) -> Any:
+    """Dataclasses -> dicts, tuples -> lists, recursively; ``results_only`` leaves out the fields
+    that do not change what a stage makes (``opt(..., result=False)``)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name), results_only) for f in dataclasses.fields(obj)
+                if not results_only or f.metadata.get("result", True)}
     if isinstance(obj, (tuple, list)):
-        return [to_dict(v) for v in obj]
+        return [to_dict(v, results_only) for v in obj]
     return obj
 
 

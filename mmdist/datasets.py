@@ -13,6 +13,7 @@ import hashlib
 import io
 import os
 import posixpath
+import re
 import shutil
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -271,7 +272,10 @@ def decode_image(data: bytes, size: int, channels: int) -> np.ndarray:
     except Image.DecompressionBombError:  # a header claiming billions of pixels (not an OSError)
         raise DataError("image header claims more pixels than PIL's decompression-bomb limit") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot decode image ({type(e).__name__}: {str(e)[:80]})") from None
+        # PIL names the in-memory file by its address ("<_io.BytesIO object at 0x7f...>"): dropped,
+        # or the reason (kept in shard metadata and the manifest) would differ from run to run
+        reason = re.sub(r"\s*<[^<>]* at 0x[0-9a-f]+>", "", str(e))
+        raise DataError(f"cannot decode image ({type(e).__name__}: {reason[:80]})") from None
     return _shape(center_crop_arr(image, size), channels)
 
 

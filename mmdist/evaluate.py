@@ -261,8 +261,8 @@ def fingerprint(cfg: Config, upstream: list[dict[str, Any]]) -> str:
     """
     import hashlib
 
-    own = {k: v for k, v in to_dict(cfg.evaluate).items() if k != "methods"}
-    text = json.dumps({"evaluate": own, "data": to_dict(cfg.data),
+    own = {k: v for k, v in to_dict(cfg.evaluate, results_only=True).items() if k != "methods"}
+    text = json.dumps({"evaluate": own, "data": to_dict(cfg.data, results_only=True),
                        "upstream": [m["fingerprint"] for m in upstream]}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

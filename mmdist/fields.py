@@ -43,13 +43,18 @@ class Checks:
         return self.ge is not None or self.gt is not None
 
 
-def opt(default: Any, doc: str, **checks: Any) -> Any:
-    """A dataclass field with a default, its documentation and its declared ``Checks``."""
+def opt(default: Any, doc: str, result: bool = True, **checks: Any) -> Any:
+    """A dataclass field with a default, its documentation and its declared ``Checks``.
+
+    ``result=False`` marks a field that says only how a stage runs (actor counts, retries,
+    checkpoint spacing), not what it makes: the same artifact comes out byte for byte whatever its
+    value, so fingerprints leave it out and changing it reuses finished work.
+    """
     if isinstance(default, (list, dict, set)):
         raise TypeError("use tuples for sequence defaults so configs stay hashable and frozen")
     if checks.get("kind") not in (None, *KINDS):
         raise TypeError(f"kind must be one of {KINDS}")
-    meta = {"doc": doc, "checks": Checks(**checks)}
+    meta = {"doc": doc, "checks": Checks(**checks), "result": result}
     if dataclasses.is_dataclass(default):
         return field(default_factory=lambda: default, metadata=meta)
     return field(default=default, metadata=meta)

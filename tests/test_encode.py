@@ -1,5 +1,6 @@
 """Encode: latent shards + manifest from real image folders, bad input counted, resume."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -29,27 +30,35 @@ def folder_config(tmp_path, strict=False, pipeline="auto", **data):
                         encode={"shard_rows": 4, "strict": strict, "pipeline": pipeline})
 
 
-@pytest.mark.parametrize("pipeline", ["off", "on"])  # off: the CPU default; on: GPU encoders' (auto)
-def test_bad_images_are_counted_listed_and_never_crash(ray_cluster, tmp_path, pipeline):
-    cfg = folder_config(tmp_path, pipeline=pipeline)
-    m = encode.main(cfg)
-    assert m["classes"] == ["a", "b", "c", "d"]
-    assert m["counts"] == {"a": 5, "b": 4, "c": 3, "d": 3} and m["rows"] == 15
-    reasons = {s["source_id"]: s["reason"] for s in m["skipped"]}
-    assert set(reasons) == {"a/zero.png", "a/garbage.png", "b/truncated.png"}
-    assert "zero-byte" in reasons["a/zero.png"]
-    kinds = {(p["kind"], p["class"]) for p in m["problems"]}
-    assert ("empty_class", "empty") in kinds and ("class_missing", "d") in kinds
-    # schema: fixed-shape tensor latents, labels, names, source ids; counts add up
-    total = 0
-    for rel in m["shards"]:
-        table = pq.read_table(os.path.join(cfg.output, "latents", rel))
-        assert set(table.column_names) == {schema.LATENT_MEAN, schema.LABEL, schema.CLASS_NAME, schema.SOURCE_ID}
-        arr = table.column(schema.LATENT_MEAN).combine_chunks().to_numpy_ndarray()
-        assert arr.shape[1:] == (3, 16, 16) and np.isfinite(arr).all() and arr.min() >= -1 and arr.max() <= 1
-        total += table.num_rows
-    assert total == 15 and m["latent_shape"] == [3, 16, 16] and m["scaling_factor"] == 1.0
-    assert os.path.exists(os.path.join(cfg.output, "latents", schema.CONFIG))
+def test_bad_images_are_counted_listed_and_never_crash(ray_cluster, tmp_path):
+    """Both encoder layouts (off: the CPU default; on: GPU encoders', ``auto`` there) count and list
+    the same bad images and write the same shards byte for byte: ``encode.pipeline`` says how to
+    run, not what is made (it is left out of the fingerprint)."""
+    made, base = {}, folder_config(tmp_path)
+    for pipeline in ("off", "on"):
+        cfg = dataclasses.replace(base, output=str(tmp_path / pipeline),
+                                  encode=dataclasses.replace(base.encode, pipeline=pipeline))
+        m = encode.main(cfg)
+        assert m["classes"] == ["a", "b", "c", "d"]
+        assert m["counts"] == {"a": 5, "b": 4, "c": 3, "d": 3} and m["rows"] == 15
+        reasons = {s["source_id"]: s["reason"] for s in m["skipped"]}
+        assert set(reasons) == {"a/zero.png", "a/garbage.png", "b/truncated.png"}
+        assert "zero-byte" in reasons["a/zero.png"]
+        kinds = {(p["kind"], p["class"]) for p in m["problems"]}
+        assert ("empty_class", "empty") in kinds and ("class_missing", "d") in kinds
+        # schema: fixed-shape tensor latents, labels, names, source ids; counts add up
+        total = 0
+        for rel in m["shards"]:
+            table = pq.read_table(os.path.join(cfg.output, "latents", rel))
+            assert set(table.column_names) == {schema.LATENT_MEAN, schema.LABEL, schema.CLASS_NAME, schema.SOURCE_ID}
+            arr = table.column(schema.LATENT_MEAN).combine_chunks().to_numpy_ndarray()
+            assert arr.shape[1:] == (3, 16, 16) and np.isfinite(arr).all() and arr.min() >= -1 and arr.max() <= 1
+            total += table.num_rows
+        assert total == 15 and m["latent_shape"] == [3, 16, 16] and m["scaling_factor"] == 1.0
+        assert os.path.exists(os.path.join(cfg.output, "latents", schema.CONFIG))
+        made[pipeline] = {rel: open(os.path.join(cfg.output, "latents", rel), "rb").read() for rel in m["shards"]}
+        made[pipeline + " fingerprint"] = m["fingerprint"]
+    assert made["on"] == made["off"] and made["on fingerprint"] == made["off fingerprint"]
 
 
 def test_strict_mode_fails_the_run_and_publishes_nothing(ray_cluster, tmp_path):

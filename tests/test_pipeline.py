@@ -1,5 +1,6 @@
 """The whole pipeline on the smoke preset: real artifacts at every stage, and resume."""
 
+import glob
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mmdist import artifacts, run, schema, shards
+from mmdist.config import Config
 from mmdist.errors import ArtifactError
 from mmdist.models import diffusion
 
@@ -97,6 +99,33 @@ def test_changed_config_is_refused_not_overwritten(smoke_run):
     changed = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, guidance_scale=3.0))
     with pytest.raises(ArtifactError, match="sample.guidance_scale"):
         run.main(changed, stages=("sample",))
+
+
+def test_fields_that_say_how_to_run_reuse_every_finished_stage(smoke_run):
+    """Every field declared ``result=False`` (actor counts, retries, checkpoint spacing, the encoder
+    layout) changed at once: the rerun finds every stage complete and rewrites nothing, as on a
+    bigger cluster or after raising max_failures on a crashed run."""
+    import dataclasses
+    import typing
+
+    cfg, first = smoke_run
+    changes, raw = [], cfg.to_dict()
+    for section in ("encode", "pretrain", "finetune", "sample", "evaluate"):
+        obj = getattr(cfg, section)
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            if f.metadata.get("result", True):
+                continue
+            value = getattr(obj, f.name)
+            choices = typing.get_args(hints[f.name])
+            raw[section][f.name] = next(c for c in choices if c != value) if choices else value + 1
+            changes.append(f"{section}.{f.name}")
+    assert {"encode.num_actors", "encode.pipeline", "finetune.max_failures", "sample.num_actors"} <= set(changes)
+    manifests = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(cfg.output, "**", schema.MANIFEST),
+                                                           recursive=True)}
+    again = run.main(Config.from_dict(raw))
+    assert again["evaluate"]["rows"] == first["evaluate"]["rows"]
+    assert {p: os.path.getmtime(p) for p in manifests} == manifests, f"rewritten after changing {changes}"
 
 
 def test_loaders_refuse_an_artifact_without_its_config(smoke_run, tmp_path):
