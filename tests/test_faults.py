@@ -62,7 +62,11 @@ def test_sigint_at_every_stage_then_rerun_reuses_work_and_matches_an_uninterrupt
            "evaluate.methods=[minimax, diffusion, random]", "evaluate.ipcs=[1, 2]"]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     for i, target in enumerate(STAGES):
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # SIGINT at its default in the child, whoever started pytest: a shell script that starts it
+        # in the background (`pytest &`) hands it, and every child, SIGINT ignored (POSIX), and a
+        # Python started that way installs no KeyboardInterrupt (every interrupt was then missed)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         started, log = threading.Event(), []
 
         def watch(p=proc, stage=target, flag=started, lines=log):
