@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import pathlib
 import subprocess
 import sys
 import time
@@ -56,7 +57,7 @@ def test_bad_images_are_counted_listed_and_never_crash(ray_cluster, tmp_path):
             total += table.num_rows
         assert total == 15 and m["latent_shape"] == [3, 16, 16] and m["scaling_factor"] == 1.0
         assert os.path.exists(os.path.join(cfg.output, "latents", schema.CONFIG))
-        made[pipeline] = {rel: open(os.path.join(cfg.output, "latents", rel), "rb").read() for rel in m["shards"]}
+        made[pipeline] = {rel: pathlib.Path(cfg.output, "latents", rel).read_bytes() for rel in m["shards"]}
         made[pipeline + " fingerprint"] = m["fingerprint"]
     assert made["on"] == made["off"] and made["on fingerprint"] == made["off fingerprint"]
 
