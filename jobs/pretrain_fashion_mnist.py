@@ -7,8 +7,10 @@ annealed at a tenth of the learning rate.
 Phase 1 (the pretrain stage): 5,000 steps of batch 128 at lr 1e-3 from a random initialisation.
 Phase 2 (the finetune stage with both minimax weights 0, so the plain diffusion loss on every
 weight): 2,500 more steps of batch 128 at lr 1e-4, from phase 1's EMA weights. The lower rate
-takes the training eps-MSE from about 0.046 to 0.043 and the samples much closer to the real
-images (docs/quality.md, "The backbone"). ``provenance.json`` beside the weights records both.
+takes the training eps-MSE from about 0.046 to 0.043 and makes the samples more faithful and less
+varied, which the default's guidance of 1.5 (2.0 before) balances: only the pair trains better
+distilled sets (docs/quality.md, "Fidelity against diversity"). ``provenance.json`` beside the
+weights records both phases.
 """
 
 from dataclasses import replace
