@@ -151,28 +151,22 @@ def test_the_embedded_defaults_teacher_ships_under_its_cache_key_and_classifies(
     assert protocols.accuracy(model, protocols.to_float(x, 28), y) > 85
 
 
-def test_the_shipped_backbone_samples_images_the_shipped_teacher_recognises():
+def test_the_shipped_backbone_samples_images_the_shipped_teacher_recognises(tmp_path):
     """The embedded DiT is what every `mmdist run` starts from: its samples under the default
     sampler settings must be the classes they were asked for (chance is 10 %; its 100-image sets
-    score 87-90 % in docs/quality.md). Guards a replaced or damaged asset."""
+    score 87-90 % in docs/quality.md). Guards a replaced or damaged asset. The images come from the
+    sample stage's own sampler (noise of image k of class c included), without Ray."""
     import dataclasses
 
     from mmdist.config import Config
-    from mmdist.model_folders import EMBEDDED_BACKBONE
-    from mmdist.models import diffusion
-    from mmdist.models.sampler import sample_latents
-    from mmdist.seeding import derive_seed
+    from mmdist.sample import ClassSampler
 
     cfg, per_class = Config(), 3
-    s = cfg.sample
-    dit = diffusion.load_dit(EMBEDDED_BACKBONE).eval()
-    pairs = [(c, k) for c in range(10) for k in range(per_class)]  # image k of class c, the sample stage's noise
-    labels = [c for c, _ in pairs]
-    gens = [torch.Generator().manual_seed(derive_seed(s.seed, "sample", c, k)) for c, k in pairs]
-    z = sample_latents(dit, class_ids=labels, generators=gens, latent_shape=(1, 28, 28), scheduler=s.scheduler,
-                       steps=s.steps, guidance_scale=s.guidance_scale, guidance_channels=s.guidance_channels)
-    images = diffusion.LatentEncoder("identity").decode(z)
-    state = teacher.teacher_state(dataclasses.replace(cfg, output="/nonexistent"), (None, None), 28)
-    recognised = protocols.accuracy(teacher.build_model(state, 1, 10, 28), protocols.to_float(images, 28),
-                                    torch.tensor(labels))
+    latents = {"classes": [str(c) for c in range(10)], "model_class_ids": list(range(10)),
+               "latent_shape": [1, 28, 28], "scaling_factor": 1.0}
+    sampler = ClassSampler(cfg.to_dict(), ("embedded", None), str(tmp_path), latents, 1, "-")
+    images = torch.cat([sampler.decoder.decode(sampler._latents(c, range(per_class))) for c in range(10)])
+    labels = torch.arange(10).repeat_interleave(per_class)
+    state = teacher.teacher_state(dataclasses.replace(cfg, output=str(tmp_path / "out")), (None, None), 28)
+    recognised = protocols.accuracy(teacher.build_model(state, 1, 10, 28), protocols.to_float(images, 28), labels)
     assert recognised >= 70, recognised
