@@ -96,10 +96,15 @@ def existing(folder: str, kind: str, fp: str, cfg: Config, overwrite: bool = Fal
     release(folder)
     old = storage.read_json(uri)
     changed = _changed_fields(old.get("config", {}), to_dict(cfg, results_only=True), SECTIONS[kind])
-    hint = f" (changed: {', '.join(changed[:6])})" if changed else " (an upstream stage changed)"
+    hint = f" (changed: {', '.join(changed[:6])})" if changed else f" ({upstream_changed(kind)})"
     raise ArtifactError(
         f"{folder} holds a finished {kind} made with a different config{hint}; "
         "pass --overwrite to redo it, or choose another --output")
+
+
+def upstream_changed(kind: str) -> str:
+    """Why an artifact whose own config is unchanged is stale."""
+    return "an upstream stage or the backbone's weights changed" if kind == "finetune" else "an upstream stage changed"
 
 
 def _current(folder: str, kind: str, fp: str) -> dict[str, Any] | None:

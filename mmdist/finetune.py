@@ -52,26 +52,34 @@ def adopt(cfg: Config, model_dir: str, method: str = "minimax", note: str = "") 
     """
     from mmdist.model_folders import put_folder
 
-    latents = artifacts.require(artifacts.stage_dir(cfg, "encode"), "encode")
+    upstream = upstream_manifests(cfg)  # as main() computes it: main() then reuses this
     vcfg = variant_config(cfg, method)
     vfolder = variant_dir(cfg, method)
     for name in ("model", "model_ema"):
         put_folder(model_dir, storage.join(vfolder, name))
-    vfp = artifacts.fingerprint(vcfg, "finetune", [latents])
+    vfp = artifacts.fingerprint(vcfg, "finetune", upstream)
     manifest = artifacts.publish(vfolder, "finetune", vfp, vcfg, method=method, model="model", model_ema="model_ema",
                                  backbone=model_dir, steps=0, history=[], note=note or "adopted, not trained here")
     summary = {method: {"fingerprint": vfp, "steps": 0, "note": manifest["note"]}}
     return artifacts.publish(artifacts.stage_dir(cfg, "finetune"), "finetune",
-                             artifacts.fingerprint(cfg, "finetune", [latents]), cfg, variants=summary)
+                             artifacts.fingerprint(cfg, "finetune", upstream), cfg, variants=summary)
+
+
+def upstream_manifests(cfg: Config) -> list[dict[str, Any]]:
+    """What the stage's fingerprint covers beside its config: the latents and the backbone's weights."""
+    from mmdist.model_folders import backbone_upstream
+
+    upstream = [artifacts.require(artifacts.stage_dir(cfg, "encode"), "encode"), *backbone_upstream(cfg)]
+    if cfg.finetune.backbone == "pretrain":
+        upstream.append(artifacts.require(artifacts.stage_dir(cfg, "pretrain"), "pretrain"))
+    return upstream
 
 
 def main(cfg: Config) -> dict[str, Any]:
     """Fine-tune every variant not yet current, then publish the stage's manifest."""
     folder = artifacts.stage_dir(cfg, "finetune")
-    latents = artifacts.require(artifacts.stage_dir(cfg, "encode"), "encode")
-    upstream = [latents]
-    if cfg.finetune.backbone == "pretrain":
-        upstream.append(artifacts.require(artifacts.stage_dir(cfg, "pretrain"), "pretrain"))
+    upstream = upstream_manifests(cfg)
+    latents = upstream[0]
     fp = artifacts.fingerprint(cfg, "finetune", upstream)  # covers every variant's loss weights
     stage = artifacts.existing(folder, "finetune", fp, cfg, cfg.overwrite)
     done = dict(stage.get("variants", {})) if stage else {}

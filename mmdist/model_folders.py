@@ -8,6 +8,7 @@ task or actor is ever handed a path that exists only on the driver's node.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -69,6 +70,49 @@ def backbone_ref(cfg: Config) -> tuple[str, str | None]:
         artifacts.require(folder, "pretrain")
         return storage.join(folder, "model_ema"), None
     return b, cfg.finetune.backbone_subfolder
+
+
+def backbone_upstream(cfg: Config) -> list[dict[str, str]]:
+    """The backbone's own entry in the finetune fingerprint: what its weights are, not its name.
+
+    'embedded' is hashed by the shipped files' bytes (a release that replaces the asset makes old
+    fine-tunes stale; a reinstall does not); a folder here or on object storage by its listing
+    (every file's ETag, else size and modification time: rewritten in place, it is a new backbone).
+    The pretrain stage's manifest covers 'pretrain'; a hub id names a fixed upload: nothing to add.
+    """
+    ref, subfolder = backbone_ref(cfg)
+    if cfg.finetune.backbone == "pretrain":
+        return []
+    if ref == "embedded":
+        return [{"fingerprint": _digest(EMBEDDED_BACKBONE)}]
+    if not (storage.is_remote(ref) or os.path.isdir(ref)):
+        return []
+    import hashlib
+    import json
+    import posixpath
+
+    fs, path = storage.filesystem(storage.join(ref, subfolder) if subfolder else ref)
+    root = path.rstrip("/")
+    if storage.is_remote(ref):
+        fs.invalidate_cache(root)
+    files = sorted((posixpath.relpath(name, root), _version(entry))
+                   for name, entry in fs.find(root, detail=True).items())
+    return [{"fingerprint": hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]}]
+
+
+@functools.lru_cache(maxsize=4)
+def _digest(folder: str) -> str:
+    """The bytes of a packaged model folder (8 MB: hashed once per process)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name == "provenance.json":  # how it was made, not what it is
+            continue
+        digest.update(name.encode())
+        with open(os.path.join(folder, name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
 
 
 def resolve(ref: str, subfolder: str | None = None) -> tuple[str, str | None]:

@@ -82,6 +82,10 @@ def stage_states(cfg: Config, only: list[str] | None = None) -> list[dict[str, A
             state, detail = "to do", f"after {waiting[-1]}"
         else:
             ups = [manifests[k] for k in upstream_kinds(cfg, stage)]
+            if stage == "finetune":  # the backbone's weights, as finetune.upstream_manifests()
+                from mmdist.model_folders import backbone_upstream
+
+                ups[1:1] = backbone_upstream(cfg)
             if stage == "evaluate":  # its own fingerprint: adding a row reruns only that row's trials
                 from mmdist.evaluate import fingerprint
 
@@ -94,7 +98,7 @@ def stage_states(cfg: Config, only: list[str] | None = None) -> list[dict[str, A
             elif manifest:
                 changed = changes(manifest.get("config", {}), to_dict(cfg), artifacts.SECTIONS[stage])
                 state = "stale"
-                detail = (f"changed: {', '.join(changed[:4])}" if changed else "an upstream stage changed") + (
+                detail = (f"changed: {', '.join(changed[:4])}" if changed else artifacts.upstream_changed(stage)) + (
                     "; redone (--overwrite)" if cfg.overwrite else "; --overwrite redoes it")
             else:
                 progress = _progress(cfg, stage, folder, fp)

@@ -135,3 +135,61 @@ def test_loaders_refuse_an_artifact_without_its_config(smoke_run, tmp_path):
     os.remove(copy / schema.CONFIG)
     with pytest.raises(ArtifactError, match="unknown origin"):
         artifacts.require(str(copy), "encode")
+
+
+def test_a_changed_backbone_makes_its_fine_tunes_stale(smoke_run, tmp_path, monkeypatch):
+    """The fine-tuning fingerprint covers the backbone's weights, not its name: 'embedded' is hashed
+    by the shipped bytes (a release that replaces the asset makes old fine-tunes stale, a changed
+    provenance note does not), a folder by its files (rewritten in place, it is another backbone)."""
+    import dataclasses
+
+    from helpers import tiny_dit
+    from safetensors.torch import load_file, save_file
+
+    from mmdist import finetune, model_folders, plan
+    from mmdist.config import absolute_paths
+
+    smoke_cfg, _ = smoke_run
+    stand_in = tiny_dit(str(tmp_path / "stand-in"))
+
+    def state(cfg):
+        (row,) = plan.stage_states(cfg, only=["finetune"])
+        return row["state"], row["detail"]
+
+    def with_backbone(name, backbone):
+        cfg = dataclasses.replace(
+            smoke_cfg, output=str(tmp_path / name), latents=os.path.join(smoke_cfg.output, "latents"),
+            finetune=dataclasses.replace(smoke_cfg.finetune, backbone=backbone),
+            evaluate=dataclasses.replace(smoke_cfg.evaluate, methods=("minimax",)))
+        cfg = absolute_paths(cfg)
+        finetune.adopt(cfg, stand_in)
+        assert state(cfg)[0] == "done" and finetune.main(cfg)["fingerprint"]  # complete: reused
+        return cfg
+
+    def shipped_copy(name, change):
+        folder = tmp_path / name
+        shutil.copytree(model_folders.EMBEDDED_BACKBONE, folder)
+        change(folder)
+        monkeypatch.setattr(model_folders, "EMBEDDED_BACKBONE", str(folder))
+
+    def perturb(folder):
+        weights = load_file(folder / "diffusion_pytorch_model.safetensors")
+        first = sorted(weights)[0]
+        weights[first] = weights[first] + 1e-3
+        save_file(weights, folder / "diffusion_pytorch_model.safetensors")
+
+    shipped_copy("release-1", lambda folder: None)
+    cfg = with_backbone("embedded", "embedded")
+    shipped_copy("release-1-renoted", lambda folder: (folder / "provenance.json").write_text("{}"))
+    assert state(cfg)[0] == "done"
+    shipped_copy("release-2", perturb)
+    assert state(cfg) == ("stale", "an upstream stage or the backbone's weights changed; --overwrite redoes it")
+    with pytest.raises(ArtifactError, match="backbone's weights changed"):
+        finetune.main(cfg)
+
+    backbone = tiny_dit(str(tmp_path / "backbone"), seed=1)
+    cfg = with_backbone("folder", backbone)
+    tiny_dit(backbone, seed=2)  # retrained into the same folder
+    assert state(cfg)[0] == "stale"
+    with pytest.raises(ArtifactError, match="backbone's weights changed"):
+        finetune.main(cfg)
