@@ -122,10 +122,12 @@ def probe(args: object, p: dict, root: str, facts: dict) -> None:
 
     base = base_config(root, p)
     rows = tuple(args.rows.split(","))
-    trials = [json.load(open(f)) for f in glob.glob(os.path.join(base.output, "eval", "trials", "*.json"))]
     changed = apply_overrides(base, [*args.set, f"evaluate.methods=[{args.rows}]",
                                      f"sample.baseline={str('diffusion' in rows).lower()}"])
-    if trials:
+    made = [json.load(open(f)) for f in glob.glob(os.path.join(base.output, "eval", "trials", "*.json"))]
+    # the base's trials to pair with: a probe under another protocol or IPC pairs its rows with each other
+    trials = [t for t in made if t["protocol"] == changed.evaluate.protocol and t["ipc"] in changed.evaluate.ipcs]
+    if made:
         cfg = linked(changed, root, f"probe-{args.probe}", ("latents", "teacher"))
     else:  # no base run: the probe encodes and trains its teacher itself; its rows pair with each other
         common.log.warning("no finished base run under %s: the probe's rows pair only with each other", base.output)
@@ -145,7 +147,7 @@ def probe(args: object, p: dict, root: str, facts: dict) -> None:
     common.write_json(args.out, common.rnd({
         "probe": args.probe, "overrides": list(args.set), "rows": result["rows"],
         "diagnostics": result.get("diagnostics", []), "paired_with_base": pairs,
-        "base": base.output if trials else None,
+        "base": base.output if made else None,
         "wall_seconds": round(sw.seconds, 1), "machine": common.finish_facts(facts)}))
     print(result["table_markdown"])
     for d in pairs:
