@@ -78,7 +78,8 @@ def backbone_upstream(cfg: Config) -> list[dict[str, str]]:
     'embedded' is hashed by the shipped files' bytes (a release that replaces the asset makes old
     fine-tunes stale; a reinstall does not); a folder here or on object storage by its listing
     (every file's ETag, else size and modification time: rewritten in place, it is a new backbone).
-    The pretrain stage's manifest covers 'pretrain'; a hub id names a fixed upload: nothing to add.
+    The pretrain stage's manifest covers 'pretrain'. A hub id counts by its name only: hashing its
+    files would mean downloading them on the driver.
     """
     ref, subfolder = backbone_ref(cfg)
     if cfg.finetune.backbone == "pretrain":
