@@ -22,7 +22,7 @@ import dataclasses
 import logging
 from typing import Any
 
-from mmdist import artifacts, distributed, phases, storage
+from mmdist import artifacts, distributed, phases, schema, storage
 from mmdist.config import FINETUNED_METHODS, Config, base_method
 
 log = logging.getLogger("mmdist")
@@ -52,7 +52,7 @@ def adopt(cfg: Config, model_dir: str, method: str = "minimax", note: str = "") 
     """
     from mmdist.model_folders import put_folder
 
-    upstream = upstream_manifests(cfg)  # as main() computes it: main() then reuses this
+    upstream = upstream_manifests(cfg, adopted=True)  # as main() computes it: main() then reuses this
     vcfg = variant_config(cfg, method)
     vfolder = variant_dir(cfg, method)
     for name in ("model", "model_ema"):
@@ -65,13 +65,18 @@ def adopt(cfg: Config, model_dir: str, method: str = "minimax", note: str = "") 
                              artifacts.fingerprint(cfg, "finetune", upstream), cfg, variants=summary)
 
 
-def upstream_manifests(cfg: Config) -> list[dict[str, Any]]:
-    """What the stage's fingerprint covers beside its config: the latents and the backbone's weights."""
+def upstream_manifests(cfg: Config, adopted: bool = False) -> list[dict[str, Any]]:
+    """What the stage's fingerprint covers beside its config: the latents and the backbone's weights.
+
+    ``adopted``: for a model adopted instead of trained, a pretrain stage that never ran is no
+    input (it is one if it did run: main() would then see the same list)."""
     from mmdist.model_folders import backbone_upstream
 
     upstream = [artifacts.require(artifacts.stage_dir(cfg, "encode"), "encode"), *backbone_upstream(cfg)]
+    pretrained = artifacts.stage_dir(cfg, "pretrain")
     if cfg.finetune.backbone == "pretrain":
-        upstream.append(artifacts.require(artifacts.stage_dir(cfg, "pretrain"), "pretrain"))
+        if not adopted or storage.exists(storage.join(pretrained, schema.MANIFEST)):
+            upstream.append(artifacts.require(pretrained, "pretrain"))
     return upstream
 
 
