@@ -81,9 +81,9 @@ def backbone_upstream(cfg: Config) -> list[dict[str, str]]:
     The pretrain stage's manifest covers 'pretrain'. A hub id counts by its name only: hashing its
     files would mean downloading them on the driver.
     """
-    ref, subfolder = backbone_ref(cfg)
     if cfg.finetune.backbone == "pretrain":
         return []
+    ref, subfolder = backbone_ref(cfg)
     if ref == "embedded":
         return [{"fingerprint": _digest(EMBEDDED_BACKBONE)}]
     if not (storage.is_remote(ref) or os.path.isdir(ref)):
