@@ -31,13 +31,8 @@ def local_folder(uri: str) -> str:
         return uri
     import hashlib
     import json
-    import posixpath
 
-    fs, path = storage.filesystem(uri)
-    root = path.rstrip("/")
-    fs.invalidate_cache(root)  # a listing cached by this process may predate an overwrite
-    listing = fs.find(root, detail=True)
-    files = sorted((posixpath.relpath(name, root), _version(entry)) for name, entry in listing.items())
+    fs, root, files = _listing(uri)
     if not any(name == "config.json" for name, _ in files):
         raise ArtifactError(f"{uri}: no config.json (not a model folder written by save_pretrained)")
     key = hashlib.sha256(json.dumps([uri, files]).encode()).hexdigest()[:20]
@@ -52,6 +47,18 @@ def local_folder(uri: str) -> str:
         except OSError:  # another process on this node published the same content first
             storage.remove(tmp)
     return target
+
+
+def _listing(uri: str) -> tuple[Any, str, list[tuple[str, str]]]:
+    """(filesystem, root, sorted (relative name, version) of every file) of a folder, listed now."""
+    import posixpath
+
+    fs, path = storage.filesystem(uri)
+    root = path.rstrip("/")
+    fs.invalidate_cache(root)  # a listing cached by this process may predate an overwrite
+    listing = fs.find(root, detail=True)
+    files = sorted((posixpath.relpath(name, root), _version(entry)) for name, entry in listing.items())
+    return fs, root, files
 
 
 def _version(entry: dict[str, Any]) -> str:
@@ -90,14 +97,8 @@ def backbone_upstream(cfg: Config) -> list[dict[str, str]]:
         return []
     import hashlib
     import json
-    import posixpath
 
-    fs, path = storage.filesystem(storage.join(ref, subfolder) if subfolder else ref)
-    root = path.rstrip("/")
-    if storage.is_remote(ref):
-        fs.invalidate_cache(root)
-    files = sorted((posixpath.relpath(name, root), _version(entry))
-                   for name, entry in fs.find(root, detail=True).items())
+    _, _, files = _listing(storage.join(ref, subfolder) if subfolder else ref)
     return [{"fingerprint": hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]}]
 
 

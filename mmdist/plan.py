@@ -82,10 +82,10 @@ def stage_states(cfg: Config, only: list[str] | None = None) -> list[dict[str, A
             state, detail = "to do", f"after {waiting[-1]}"
         else:
             ups = [manifests[k] for k in upstream_kinds(cfg, stage)]
-            if stage == "finetune":  # the backbone's weights, as finetune.upstream_manifests()
-                from mmdist.model_folders import backbone_upstream
+            if stage == "finetune":  # its upstream includes the backbone's weights
+                from mmdist.finetune import upstream_manifests
 
-                ups[1:1] = backbone_upstream(cfg)
+                ups = upstream_manifests(cfg)
             if stage == "evaluate":  # its own fingerprint: adding a row reruns only that row's trials
                 from mmdist.evaluate import fingerprint
 
