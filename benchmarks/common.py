@@ -223,11 +223,19 @@ def start_ray(num_cpus: int = 2) -> float:
     global _RAY_TEMP
     start = time.perf_counter()
     temp = _RAY_TEMP = tempfile.mkdtemp(prefix="mmb-ray-", dir="/tmp")  # short: socket paths are capped
+
+    def quiet_train_cleaner() -> None:
+        # Without the dashboard (off here: it would share the CPUs being timed) the State API is
+        # unreachable, and Ray Train v2's placement-group cleaner warns about it once a second for
+        # as long as a fine-tune runs: 9 of 10 lines of a benchmark's log.
+        logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
+            logging.ERROR)
+
     for attempt in range(3):
         try:
             ray.init(address="local", num_cpus=num_cpus, num_gpus=0, include_dashboard=False,
                      logging_level=logging.WARNING, log_to_driver=True, object_store_memory=1024**3,
-                     _temp_dir=temp)
+                     _temp_dir=temp, runtime_env={"worker_process_setup_hook": quiet_train_cleaner})
             break
         except Exception as e:  # Ray gives its raylet a fixed 30 s to register; a loaded machine misses it
             ray.shutdown()
