@@ -6,7 +6,7 @@
                                             ->  benchmarks/results/quality.probe-NAME.json
 
 ``--cpu`` is the part that fits about an hour of a 2-core machine: hard labels, IPC 10, the rows
-that isolate the method (diffusion, finetune, minimax, minimax+select, random), 3 seeds, 100
+that isolate the method (diffusion, finetune, minimax, minimax+select, random), 5 seeds, 100
 epochs (the default run's schedule).
 
 One run, one machine, paired rows (same fine-tuning seed and batches, same sampler noise for image
